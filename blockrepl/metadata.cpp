@@ -1,0 +1,117 @@
+#include "blockrepl/metadata.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <map>
+#include <random>
+#include <sstream>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "blockrepl/error.h"
+
+namespace blockrepl {
+
+namespace {
+constexpr const char kIdentityFile[] = "identity";
+
+std::string read_small_file(int dirfd, const char* name, bool* missing) {
+  int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) {
+      *missing = true;
+      return {};
+    }
+    throw_errno(std::string("cannot open ") + name, errno);
+  }
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0) {
+      int e = errno;
+      close(fd);
+      throw_errno(std::string("cannot read ") + name, e);
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  *missing = false;
+  return out;
+}
+}  // namespace
+
+std::string random_hex_id(size_t bytes) {
+  std::random_device rd;
+  std::string s;
+  static const char* hex = "0123456789abcdef";
+  for (size_t i = 0; i < bytes; i++) {
+    unsigned v = rd() & 0xff;
+    s += hex[v >> 4];
+    s += hex[v & 15];
+  }
+  return s;
+}
+
+int open_metadata_dir(int data_fd, const std::string& data_path) {
+  if (mkdirat(data_fd, kMetadataDirName, 0700) != 0 && errno != EEXIST)
+    throw_errno("cannot create metadata folder " + data_path + "/" + kMetadataDirName, errno);
+  int fd = openat(data_fd, kMetadataDirName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) throw_errno("cannot open metadata folder " + data_path + "/" + kMetadataDirName, errno);
+  return fd;
+}
+
+Identity load_or_create_identity(int meta_fd, const std::string& data_path) {
+  bool missing = false;
+  std::string text = read_small_file(meta_fd, kIdentityFile, &missing);
+  Identity id;
+  if (missing) {
+    id.node_id = random_hex_id(8);
+    store_identity(meta_fd, id, data_path);
+    return id;
+  }
+  std::istringstream in(text);
+  std::string line;
+  std::map<std::string, std::string> kv;
+  while (std::getline(in, line)) {
+    auto eq = line.find('=');
+    if (eq == std::string::npos) continue;
+    kv[line.substr(0, eq)] = line.substr(eq + 1);
+  }
+  if (kv["node_id"].empty())
+    throw Error(data_path + "/" + kMetadataDirName + "/identity is damaged (no node_id)");
+  id.node_id = kv["node_id"];
+  id.cluster_id = kv["cluster_id"];
+  try {
+    if (!kv["block_size"].empty()) id.block_size = static_cast<uint32_t>(std::stoul(kv["block_size"]));
+    if (!kv["lsn_reserved"].empty()) id.lsn_reserved = std::stoull(kv["lsn_reserved"]);
+  } catch (const std::exception&) {
+    throw Error(data_path + "/" + kMetadataDirName + "/identity is damaged (bad number)");
+  }
+  return id;
+}
+
+void store_identity(int meta_fd, const Identity& id, const std::string& data_path) {
+  std::ostringstream out;
+  out << "node_id=" << id.node_id << "\n"
+      << "cluster_id=" << id.cluster_id << "\n"
+      << "block_size=" << id.block_size << "\n"
+      << "lsn_reserved=" << id.lsn_reserved << "\n";
+  const std::string text = out.str();
+  const std::string where = data_path + "/" + kMetadataDirName + "/identity";
+  int fd = openat(meta_fd, "identity.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) throw_errno("cannot write " + where, errno);
+  if (write(fd, text.data(), text.size()) != static_cast<ssize_t>(text.size()) || fsync(fd) != 0) {
+    int e = errno ? errno : EIO;
+    close(fd);
+    throw_errno("cannot write " + where, e);
+  }
+  close(fd);
+  if (renameat(meta_fd, "identity.tmp", meta_fd, kIdentityFile) != 0) throw_errno("cannot write " + where, errno);
+  if (fsync(meta_fd) != 0) throw_errno("cannot sync " + data_path + "/" + kMetadataDirName, errno);
+}
+
+}  // namespace blockrepl

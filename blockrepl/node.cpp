@@ -1,0 +1,91 @@
+#include "blockrepl/node.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "blockrepl/error.h"
+#include "blockrepl/file_id.h"
+#include "blockrepl/log.h"
+
+namespace blockrepl {
+
+namespace {
+int open_root(const std::string& path) {
+  int fd = open(path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw_errno("cannot open data directory " + path, errno);
+  return fd;
+}
+}  // namespace
+
+Node::Node(const std::string& data_path)
+    : data_path_(data_path), root_fd_(open_root(data_path)), store_(root_fd_, false) {
+  try {
+    meta_fd_ = open_metadata_dir(root_fd_, data_path_);
+    identity_ = load_or_create_identity(meta_fd_, data_path_);
+    if (!read_file_id(root_fd_, "")) {
+      if (int err = write_file_id(root_fd_, "", kRootFileId))
+        throw_errno("cannot tag data directory " + data_path_ + " with its file id (xattrs unsupported?)", err);
+    }
+    // Continue past every LSN a previous run may have handed out.
+    last_lsn_ = identity_.lsn_reserved;
+    identity_.lsn_reserved += kLsnChunk;
+    store_identity(meta_fd_, identity_, data_path_);
+  } catch (...) {
+    if (meta_fd_ >= 0) close(meta_fd_);
+    close(root_fd_);
+    throw;
+  }
+}
+
+Node::~Node() {
+  if (meta_fd_ >= 0) close(meta_fd_);
+  if (root_fd_ >= 0) close(root_fd_);
+}
+
+Lsn Node::next_lsn_locked() {
+  Lsn lsn = last_lsn_.load(std::memory_order_relaxed) + 1;
+  if (lsn >= identity_.lsn_reserved) {
+    identity_.lsn_reserved = lsn + kLsnChunk;
+    try {
+      store_identity(meta_fd_, identity_, data_path_);
+    } catch (const Error& e) {
+      // Keep going: the reservation only matters after a crash, and refusing writes is worse.
+      LOG_ERROR("lsn %llu: %s", static_cast<unsigned long long>(lsn), e.what());
+    }
+  }
+  return lsn;
+}
+
+int Node::submit(Record& rec, const Targets& t) {
+  std::lock_guard lk(order_mu_);
+  int err = store_.apply(rec, t);
+  if (err) return err;
+  rec.lsn = next_lsn_locked();
+  for (RecordSink* s : sinks_) s->on_record(rec);
+  last_lsn_.store(rec.lsn, std::memory_order_release);
+  return 0;
+}
+
+int Node::barrier(Record& rec, const Targets& t) {
+  {
+    std::lock_guard lk(order_mu_);
+    rec.lsn = next_lsn_locked();
+    for (RecordSink* s : sinks_) s->on_record(rec);
+    last_lsn_.store(rec.lsn, std::memory_order_release);
+  }
+  return store_.apply(rec, t);
+}
+
+void Node::add_sink(RecordSink* sink) {
+  std::lock_guard lk(order_mu_);
+  sinks_.push_back(sink);
+}
+
+void Node::remove_sink(RecordSink* sink) {
+  std::lock_guard lk(order_mu_);
+  sinks_.erase(std::remove(sinks_.begin(), sinks_.end(), sink), sinks_.end());
+}
+
+}  // namespace blockrepl

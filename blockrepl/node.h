@@ -1,0 +1,66 @@
+// A Node is one member of a replicated volume: it owns the Store, assigns LSNs to the changes it
+// makes (as a master) and publishes every applied record, in LSN order, to its sinks (the
+// journal and the senders to slaves plug in here).
+#pragma once
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "blockrepl/metadata.h"
+#include "blockrepl/record.h"
+#include "blockrepl/store.h"
+
+namespace blockrepl {
+
+class RecordSink {
+ public:
+  virtual ~RecordSink() = default;
+  // Called with each applied record in LSN order, under the node's ordering lock: keep it short
+  // (copy what must outlive the call; never block on the network).
+  virtual void on_record(const Record& rec) = 0;
+};
+
+class Node {
+ public:
+  // data_path: the backing directory. Opens it and its metadata folder; throws Error.
+  explicit Node(const std::string& data_path);
+  ~Node();
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
+
+  // Applies a change made here and, if it succeeded, gives it the next LSN and publishes it.
+  // Changes are serialised so that the order applied here is the LSN order slaves replay.
+  // Returns 0 or the errno of the backing file system.
+  int submit(Record& rec, const Targets& t = {});
+
+  // A durability point (fsync, fdatasync, syncfs): published in order, then made durable
+  // outside the ordering lock so that other writers are not held up by the disk.
+  int barrier(Record& rec, const Targets& t = {});
+
+  void add_sink(RecordSink* sink);
+  void remove_sink(RecordSink* sink);
+
+  Lsn last_lsn() const { return last_lsn_.load(std::memory_order_acquire); }
+  Store& store() { return store_; }
+  int root_fd() const { return root_fd_; }
+  const std::string& data_path() const { return data_path_; }
+  const Identity& identity() const { return identity_; }
+
+ private:
+  Lsn next_lsn_locked();
+
+  std::string data_path_;
+  int root_fd_ = -1;
+  int meta_fd_ = -1;
+  Identity identity_;
+  Store store_;
+  std::mutex order_mu_;
+  std::atomic<Lsn> last_lsn_{0};
+  std::vector<RecordSink*> sinks_;
+  // LSNs are reserved on disk in chunks so that a restarted node never reuses one, without a
+  // disk write per record.
+  static constexpr Lsn kLsnChunk = Lsn{1} << 24;
+};
+
+}  // namespace blockrepl

@@ -1,0 +1,174 @@
+#include "blockrepl/store.h"
+
+#include <cerrno>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include "blockrepl/file_id.h"
+
+namespace blockrepl {
+
+namespace {
+
+int write_all(int fd, const char* p, size_t n, uint64_t off) {
+  while (n > 0) {
+    ssize_t w = pwrite(fd, p, n, static_cast<off_t>(off));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (w == 0) return EIO;
+    p += w;
+    n -= static_cast<size_t>(w);
+    off += static_cast<uint64_t>(w);
+  }
+  return 0;
+}
+
+int ok_or_errno(int rc) { return rc == 0 ? 0 : errno; }
+
+// A name from a record must be one path component: a hostile or broken peer must not reach
+// outside the directory it names.
+bool valid_name(const std::string& name) {
+  return !name.empty() && name.size() <= 255 && name != "." && name != ".." &&
+         name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
+}
+
+}  // namespace
+
+Store::Store(int root_fd, bool track_files) : root_fd_(root_fd), track_files_(track_files), files_(root_fd) {}
+
+int Store::resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw) {
+  t = given;
+  if (t.path_fd < 0 && t.fd >= 0) t.path_fd = t.fd;
+  if (rec.fid != kInvalidFileId) {
+    if (t.path_fd < 0) t.path_fd = files_.path_fd(rec.fid);
+    if (need_rw && t.fd < 0) {
+      t.fd = files_.rw_fd(rec.fid);
+      if (t.fd < 0) return errno ? errno : ENOENT;
+    }
+  }
+  if (rec.parent != kInvalidFileId && t.parent_fd < 0) t.parent_fd = files_.path_fd(rec.parent);
+  if (rec.parent2 != kInvalidFileId && t.parent2_fd < 0) t.parent2_fd = files_.path_fd(rec.parent2);
+  return 0;
+}
+
+// Owner and file id of a newly created entry; the record decides both so every node agrees.
+int Store::apply_created(const Record& rec, int parent_fd) {
+  const char* name = rec.name.c_str();
+  if (fchownat(parent_fd, name, rec.uid, rec.gid, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  if (int err = write_file_id(parent_fd, name, rec.fid)) return err;
+  if (track_files_) files_.add(rec.fid, parent_fd, name);
+  return 0;
+}
+
+int Store::apply(const Record& rec, const Targets& given) {
+  Targets t;
+  const bool data_op = rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate;
+  if (int err = resolve(rec, given, t, data_op)) return err;
+
+  switch (rec.op) {
+    case Op::write:
+      return write_all(t.fd, rec.data.data(), rec.data.size(), rec.offset);
+    case Op::truncate:
+      return ok_or_errno(ftruncate(t.fd, static_cast<off_t>(rec.offset)));
+    case Op::fallocate:
+      return ok_or_errno(fallocate(t.fd, static_cast<int>(rec.flags), static_cast<off_t>(rec.offset),
+                                   static_cast<off_t>(rec.length)));
+    case Op::setattr: {
+      if (t.path_fd < 0) return ENOENT;
+      const std::string p = fd_path(t.path_fd);
+      if (rec.attr_valid & kAttrMode) {
+        if (chmod(p.c_str(), rec.mode & 07777) != 0) return errno;
+      }
+      if (rec.attr_valid & (kAttrUid | kAttrGid)) {
+        uid_t u = (rec.attr_valid & kAttrUid) ? rec.uid : static_cast<uid_t>(-1);
+        gid_t g = (rec.attr_valid & kAttrGid) ? rec.gid : static_cast<gid_t>(-1);
+        if (fchownat(t.path_fd, "", u, g, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno;
+      }
+      if (rec.attr_valid & (kAttrAtime | kAttrMtime | kAttrAtimeNow | kAttrMtimeNow)) {
+        timespec ts[2];
+        ts[0] = (rec.attr_valid & kAttrAtimeNow) ? timespec{0, UTIME_NOW}
+                : (rec.attr_valid & kAttrAtime)  ? rec.atime
+                                                 : timespec{0, UTIME_OMIT};
+        ts[1] = (rec.attr_valid & kAttrMtimeNow) ? timespec{0, UTIME_NOW}
+                : (rec.attr_valid & kAttrMtime)  ? rec.mtime
+                                                 : timespec{0, UTIME_OMIT};
+        if (utimensat(t.path_fd, "", ts, AT_EMPTY_PATH) != 0) {
+          // Older kernels refuse AT_EMPTY_PATH here; the /proc path works for all but symlinks.
+          if (errno != EINVAL || utimensat(AT_FDCWD, p.c_str(), ts, 0) != 0) return errno;
+        }
+      }
+      return 0;
+    }
+    case Op::create:
+    case Op::mkdir:
+    case Op::symlink: {
+      if (t.parent_fd < 0) return ENOENT;
+      if (!valid_name(rec.name)) return EINVAL;
+      int rc;
+      if (rec.op == Op::mkdir) {
+        rc = mkdirat(t.parent_fd, rec.name.c_str(), rec.mode & 07777);
+      } else if (rec.op == Op::symlink) {
+        std::string target(rec.data);
+        rc = symlinkat(target.c_str(), t.parent_fd, rec.name.c_str());
+      } else {
+        rc = mknodat(t.parent_fd, rec.name.c_str(), rec.mode, static_cast<dev_t>(rec.rdev));
+      }
+      if (rc != 0) return errno;
+      return apply_created(rec, t.parent_fd);
+    }
+    case Op::link: {
+      if (t.path_fd < 0 || t.parent_fd < 0) return ENOENT;
+      if (!valid_name(rec.name)) return EINVAL;
+      if (linkat(t.path_fd, "", t.parent_fd, rec.name.c_str(), AT_EMPTY_PATH) != 0) return errno;
+      return 0;
+    }
+    case Op::unlink:
+    case Op::rmdir: {
+      if (t.parent_fd < 0) return ENOENT;
+      if (!valid_name(rec.name)) return EINVAL;
+      if (unlinkat(t.parent_fd, rec.name.c_str(), rec.op == Op::rmdir ? AT_REMOVEDIR : 0) != 0) return errno;
+      if (track_files_ && rec.fid != kInvalidFileId) files_.maybe_orphaned(rec.fid);
+      return 0;
+    }
+    case Op::rename: {
+      if (t.parent_fd < 0 || t.parent2_fd < 0) return ENOENT;
+      if (!valid_name(rec.name) || !valid_name(rec.name2)) return EINVAL;
+      return ok_or_errno(renameat2(t.parent_fd, rec.name.c_str(), t.parent2_fd, rec.name2.c_str(), rec.flags));
+    }
+    case Op::setxattr:
+    case Op::removexattr: {
+      if (t.path_fd < 0) return ENOENT;
+      if (rec.name.rfind(kReservedXattrPrefix, 0) == 0) return EPERM;
+      const std::string p = fd_path(t.path_fd);
+      int rc = rec.op == Op::setxattr
+                   ? setxattr(p.c_str(), rec.name.c_str(), rec.data.data(), rec.data.size(), static_cast<int>(rec.flags))
+                   : removexattr(p.c_str(), rec.name.c_str());
+      return ok_or_errno(rc);
+    }
+    case Op::fsync: {
+      if (rec.fid == kInvalidFileId) return ok_or_errno(syncfs(root_fd_));
+      int fd = t.fd >= 0 ? t.fd : -1;
+      int tmp = -1;
+      if (fd < 0) {
+        if (t.path_fd < 0) return ENOENT;
+        // fsync needs a real descriptor; O_RDONLY works for files and directories alike.
+        tmp = open(fd_path(t.path_fd).c_str(), O_RDONLY | O_CLOEXEC);
+        if (tmp < 0) return errno;
+        fd = tmp;
+      }
+      int rc = (rec.flags & kDataSync) ? fdatasync(fd) : fsync(fd);
+      int err = rc == 0 ? 0 : errno;
+      if (tmp >= 0) close(tmp);
+      return err;
+    }
+  }
+  return EINVAL;
+}
+
+}  // namespace blockrepl

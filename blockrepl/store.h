@@ -1,0 +1,43 @@
+// The Store applies records to a backing directory. It is the one place where changes reach the
+// disk: the master applies the records it makes here, and a slave applies received records with
+// the same code. Callers that already hold descriptors for the files involved (the FUSE layer)
+// pass them in Targets; anything not given is resolved through the FileTable by FileId.
+#pragma once
+#include <sys/types.h>
+
+#include "blockrepl/file_table.h"
+#include "blockrepl/record.h"
+
+namespace blockrepl {
+
+struct Targets {
+  int fd = -1;           // an open read-write descriptor of rec.fid, if the caller has one
+  int path_fd = -1;      // an O_PATH (or any) descriptor of rec.fid
+  int parent_fd = -1;    // directory rec.parent
+  int parent2_fd = -1;   // directory rec.parent2 (rename)
+};
+
+class Store {
+ public:
+  // root_fd: the backing directory, opened O_PATH|O_DIRECTORY (not owned).
+  // track_files: keep the FileTable up to date with what is created. A master whose callers
+  // always pass descriptors does not need it; a node applying received records does.
+  Store(int root_fd, bool track_files);
+  void set_track_files(bool on) { track_files_ = on; }
+
+  // Applies one record. Returns 0 or an errno (the backing file system's answer).
+  int apply(const Record& rec, const Targets& given = {});
+
+  FileTable& files() { return files_; }
+  int root_fd() const { return root_fd_; }
+
+ private:
+  int resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw);
+  int apply_created(const Record& rec, int parent_fd);
+
+  int root_fd_;
+  bool track_files_;
+  FileTable files_;
+};
+
+}  // namespace blockrepl

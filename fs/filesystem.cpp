@@ -1,0 +1,760 @@
+#define FUSE_USE_VERSION 314
+#include "fs/filesystem.h"
+
+#include <fuse_lowlevel.h>
+
+#include <cerrno>
+#include <cstring>
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <memory>
+#include <string>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+#include <vector>
+
+#include "blockrepl/error.h"
+#include "blockrepl/file_id.h"
+#include "blockrepl/log.h"
+#include "blockrepl/metadata.h"
+#include "fs/inodes.h"
+
+namespace blockrepl::fs {
+
+struct Filesystem::Impl {
+  Node& node;
+  MountConfig& cfg;
+  InodeTable inodes;
+  explicit Impl(Node& n, MountConfig& c) : node(n), cfg(c) {}
+};
+
+namespace {
+
+using Impl = Filesystem::Impl;
+
+Impl& impl_of(fuse_req_t req) { return *static_cast<Impl*>(fuse_req_userdata(req)); }
+
+Inode& inode_of(fuse_req_t req, fuse_ino_t ino) {
+  if (ino == FUSE_ROOT_ID) return *impl_of(req).inodes.root();
+  return *reinterpret_cast<Inode*>(ino);
+}
+
+fuse_ino_t ino_of(Impl& fs, Inode* inode) {
+  return inode == fs.inodes.root() ? FUSE_ROOT_ID : reinterpret_cast<fuse_ino_t>(inode);
+}
+
+bool is_hidden(fuse_ino_t parent, const char* name) {
+  return parent == FUSE_ROOT_ID && strcmp(name, kMetadataDirName) == 0;
+}
+
+bool is_reserved_xattr(const char* name) {
+  return strncmp(name, kReservedXattrPrefix, sizeof(kReservedXattrPrefix) - 1) == 0;
+}
+
+// --- file ids -------------------------------------------------------------------------------
+
+// The id of a looked-up inode. Files that predate the volume (or were put into the backing
+// directory behind our back) get one on first sight, on a writable node.
+FileId ensure_file_id(Impl& fs, Inode& inode, int parent_fd, const char* name) {
+  FileId fid = inode.fid.load(std::memory_order_relaxed);
+  if (fid != kInvalidFileId) return fid;
+  if (auto got = read_file_id(parent_fd, name)) {
+    fid = *got;
+  } else if (!fs.cfg.read_only) {
+    fid = new_file_id();
+    if (int err = write_file_id(parent_fd, name, fid)) {
+      LOG_WARN("cannot give %s a file id: %s", name, strerror(err));
+      return kInvalidFileId;
+    }
+    LOG_INFO("gave pre-existing %s file id %016llx", name, static_cast<unsigned long long>(fid));
+  } else {
+    return kInvalidFileId;
+  }
+  inode.fid.store(fid, std::memory_order_relaxed);
+  return fid;
+}
+
+// --- lookups --------------------------------------------------------------------------------
+
+int stat_inode(int fd, struct stat* st) {
+  return fstatat(fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
+}
+
+int do_lookup(Impl& fs, fuse_ino_t parent, const char* name, fuse_entry_param* e) {
+  memset(e, 0, sizeof *e);
+  e->attr_timeout = fs.cfg.timeout;
+  e->entry_timeout = fs.cfg.timeout;
+  if (is_hidden(parent, name)) return ENOENT;
+  Inode& dir = parent == FUSE_ROOT_ID ? *fs.inodes.root() : *reinterpret_cast<Inode*>(parent);
+  int fd = openat(dir.fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return errno;
+  if (int err = stat_inode(fd, &e->attr)) {
+    close(fd);
+    return err;
+  }
+  bool fresh = false;
+  Inode* inode = fs.inodes.acquire(fd, e->attr, &fresh);
+  ensure_file_id(fs, *inode, dir.fd, name);
+  e->ino = ino_of(fs, inode);
+  return 0;
+}
+
+// --- records --------------------------------------------------------------------------------
+
+bool refuse_if_read_only(fuse_req_t req) {
+  if (impl_of(req).cfg.read_only) {
+    fuse_reply_err(req, EROFS);
+    return true;
+  }
+  return false;
+}
+
+// Owner of a new entry: the caller, with the directory's group when it is set-group-id.
+void set_new_owner(fuse_req_t req, Inode& dir, Record& rec) {
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  rec.uid = ctx->uid;
+  rec.gid = ctx->gid;
+  struct stat st;
+  if (stat_inode(dir.fd, &st) == 0 && (st.st_mode & S_ISGID)) {
+    rec.gid = st.st_gid;
+    if (S_ISDIR(rec.mode)) rec.mode |= S_ISGID;
+  }
+}
+
+// Creates an entry of any type through the Node and answers with its entry.
+void make_entry(fuse_req_t req, fuse_ino_t parent, const char* name, Record& rec) {
+  if (refuse_if_read_only(req)) return;
+  if (is_hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  Impl& fs = impl_of(req);
+  Inode& dir = inode_of(req, parent);
+  rec.parent = dir.fid;
+  rec.name = name;
+  rec.fid = new_file_id();
+  set_new_owner(req, dir, rec);
+  Targets t;
+  t.parent_fd = dir.fd;
+  if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
+  fuse_entry_param e;
+  if (int err = do_lookup(fs, parent, name, &e)) return (void)fuse_reply_err(req, err);
+  fuse_reply_entry(req, &e);
+}
+
+// A descriptor to change a file that the caller did not open (truncate(path), say).
+int open_for_change(Inode& inode, int flags) {
+  return open(fd_path(inode.fd).c_str(), flags | O_CLOEXEC);
+}
+
+// --- operations -----------------------------------------------------------------------------
+
+void op_init(void* userdata, fuse_conn_info* conn) {
+  auto& fs = *static_cast<Impl*>(userdata);
+  (void)fs;
+  if (conn->capable & FUSE_CAP_WRITEBACK_CACHE) conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+  if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+  if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+  // Truncation on open arrives as a setattr, so it becomes a truncate record like any other.
+  conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
+  // Locks stay in the kernel, local to this host (we implement neither getlk/setlk nor flock).
+  conn->want &= ~(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS);
+  conn->max_write = 1u << 20;
+  conn->max_readahead = 1u << 20;
+  conn->max_background = 128;
+  conn->congestion_threshold = 96;
+}
+
+void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_entry_param e;
+  int err = do_lookup(impl_of(req), parent, name, &e);
+  if (err == ENOENT) {
+    // A negative entry, cached like a positive one: only we change the directory.
+    e.ino = 0;
+    e.entry_timeout = impl_of(req).cfg.timeout;
+    fuse_reply_entry(req, &e);
+  } else if (err) {
+    fuse_reply_err(req, err);
+  } else {
+    fuse_reply_entry(req, &e);
+  }
+}
+
+void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+  if (ino != FUSE_ROOT_ID) impl_of(req).inodes.forget(reinterpret_cast<Inode*>(ino), nlookup);
+  fuse_reply_none(req);
+}
+
+void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
+  Impl& fs = impl_of(req);
+  for (size_t i = 0; i < count; i++)
+    if (forgets[i].ino != FUSE_ROOT_ID) fs.inodes.forget(reinterpret_cast<Inode*>(forgets[i].ino), forgets[i].nlookup);
+  fuse_reply_none(req);
+}
+
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  struct stat st;
+  if (int err = stat_inode(inode_of(req, ino).fd, &st)) return (void)fuse_reply_err(req, err);
+  fuse_reply_attr(req, &st, impl_of(req).cfg.timeout);
+}
+
+void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi) {
+  if (refuse_if_read_only(req)) return;
+  Impl& fs = impl_of(req);
+  Inode& inode = inode_of(req, ino);
+  Targets t;
+  t.path_fd = inode.fd;
+  if (fi) t.fd = static_cast<int>(fi->fh);
+
+  Record rec;
+  rec.op = Op::setattr;
+  rec.fid = inode.fid;
+  if (valid & FUSE_SET_ATTR_MODE) {
+    rec.attr_valid |= kAttrMode;
+    rec.mode = attr->st_mode;
+  }
+  if (valid & FUSE_SET_ATTR_UID) {
+    rec.attr_valid |= kAttrUid;
+    rec.uid = attr->st_uid;
+  }
+  if (valid & FUSE_SET_ATTR_GID) {
+    rec.attr_valid |= kAttrGid;
+    rec.gid = attr->st_gid;
+  }
+  if (valid & FUSE_SET_ATTR_ATIME_NOW) rec.attr_valid |= kAttrAtimeNow;
+  else if (valid & FUSE_SET_ATTR_ATIME) rec.attr_valid |= kAttrAtime, rec.atime = attr->st_atim;
+  if (valid & FUSE_SET_ATTR_MTIME_NOW) rec.attr_valid |= kAttrMtimeNow;
+  else if (valid & FUSE_SET_ATTR_MTIME) rec.attr_valid |= kAttrMtime, rec.mtime = attr->st_mtim;
+
+  if (valid & FUSE_SET_ATTR_SIZE) {
+    Record tr;
+    tr.op = Op::truncate;
+    tr.fid = inode.fid;
+    tr.offset = static_cast<uint64_t>(attr->st_size);
+    Targets tt = t;
+    int tmp = -1;
+    if (tt.fd < 0) {
+      tmp = open_for_change(inode, O_WRONLY);
+      if (tmp < 0) return (void)fuse_reply_err(req, errno);
+      tt.fd = tmp;
+    }
+    int err = fs.node.submit(tr, tt);
+    if (tmp >= 0) close(tmp);
+    if (err) return (void)fuse_reply_err(req, err);
+  }
+  if (rec.attr_valid) {
+    if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
+  }
+  op_getattr(req, ino, fi);
+}
+
+void op_readlink(fuse_req_t req, fuse_ino_t ino) {
+  char buf[PATH_MAX + 1];
+  ssize_t n = readlinkat(inode_of(req, ino).fd, "", buf, sizeof buf);
+  if (n < 0) return (void)fuse_reply_err(req, errno);
+  if (n == sizeof buf) return (void)fuse_reply_err(req, ENAMETOOLONG);
+  buf[n] = '\0';
+  fuse_reply_readlink(req, buf);
+}
+
+void op_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) {
+  Record rec;
+  rec.op = S_ISDIR(mode) ? Op::mkdir : Op::create;
+  rec.mode = mode;
+  rec.rdev = rdev;
+  make_entry(req, parent, name, rec);
+}
+
+void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  Record rec;
+  rec.op = Op::mkdir;
+  rec.mode = S_IFDIR | (mode & 07777);
+  make_entry(req, parent, name, rec);
+}
+
+void op_symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
+  Record rec;
+  rec.op = Op::symlink;
+  rec.mode = S_IFLNK | 0777;
+  rec.data = link;
+  make_entry(req, parent, name, rec);
+}
+
+void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
+  if (refuse_if_read_only(req)) return;
+  if (is_hidden(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
+  Impl& fs = impl_of(req);
+  Inode& inode = inode_of(req, ino);
+  Inode& dir = inode_of(req, newparent);
+  Record rec;
+  rec.op = Op::link;
+  rec.fid = inode.fid;
+  rec.parent = dir.fid;
+  rec.name = newname;
+  Targets t;
+  t.path_fd = inode.fd;
+  t.parent_fd = dir.fd;
+  if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
+  fuse_entry_param e;
+  if (int err = do_lookup(fs, newparent, newname, &e)) return (void)fuse_reply_err(req, err);
+  fuse_reply_entry(req, &e);
+}
+
+void remove_entry(fuse_req_t req, fuse_ino_t parent, const char* name, Op op) {
+  if (refuse_if_read_only(req)) return;
+  if (is_hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  Impl& fs = impl_of(req);
+  Inode& dir = inode_of(req, parent);
+  Record rec;
+  rec.op = op;
+  rec.parent = dir.fid;
+  rec.name = name;
+  // The victim's id lets a replica release what it holds for it.
+  rec.fid = read_file_id(dir.fd, name).value_or(kInvalidFileId);
+  Targets t;
+  t.parent_fd = dir.fd;
+  fuse_reply_err(req, fs.node.submit(rec, t));
+}
+
+void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) { remove_entry(req, parent, name, Op::unlink); }
+void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) { remove_entry(req, parent, name, Op::rmdir); }
+
+void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent, const char* newname,
+               unsigned int flags) {
+  if (refuse_if_read_only(req)) return;
+  if (is_hidden(parent, name) || is_hidden(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
+  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return (void)fuse_reply_err(req, EINVAL);
+  Impl& fs = impl_of(req);
+  Inode& dir = inode_of(req, parent);
+  Inode& dir2 = inode_of(req, newparent);
+  Record rec;
+  rec.op = Op::rename;
+  rec.parent = dir.fid;
+  rec.name = name;
+  rec.parent2 = dir2.fid;
+  rec.name2 = newname;
+  rec.flags = flags;
+  Targets t;
+  t.parent_fd = dir.fd;
+  t.parent2_fd = dir2.fd;
+  fuse_reply_err(req, fs.node.submit(rec, t));
+}
+
+// Flags for the backing descriptor of a file the application opens.
+int backing_open_flags(int flags) {
+  // The writeback cache may read pages of a write-only file and computes append offsets itself;
+  // O_DIRECT data is bounced by the kernel as a plain write; O_SYNC/O_DSYNC arrive as fsync.
+  flags &= ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_APPEND | O_DIRECT | O_SYNC | O_DSYNC);
+  if ((flags & O_ACCMODE) == O_WRONLY) flags = (flags & ~O_ACCMODE) | O_RDWR;
+  return flags | O_CLOEXEC;
+}
+
+void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Impl& fs = impl_of(req);
+  if (fs.cfg.read_only && (fi->flags & O_ACCMODE) != O_RDONLY) return (void)fuse_reply_err(req, EROFS);
+  if (fs.cfg.read_only && (fi->flags & O_TRUNC)) return (void)fuse_reply_err(req, EROFS);
+  Inode& inode = inode_of(req, ino);
+  int fd = open(fd_path(inode.fd).c_str(), backing_open_flags(fi->flags));
+  if (fd < 0) return (void)fuse_reply_err(req, errno);
+  if (fi->flags & O_TRUNC) {
+    // Only reached if the kernel passed O_TRUNC through; it normally sends a setattr instead.
+    Record tr;
+    tr.op = Op::truncate;
+    tr.fid = inode.fid;
+    tr.offset = 0;
+    Targets t;
+    t.fd = fd;
+    if (int err = fs.node.submit(tr, t)) {
+      close(fd);
+      return (void)fuse_reply_err(req, err);
+    }
+  }
+  fi->fh = static_cast<uint64_t>(fd);
+  fi->keep_cache = 1;  // nothing but this daemon changes the file while it is mounted
+  fi->noflush = (fi->flags & O_ACCMODE) == O_RDONLY;
+  if (fuse_reply_open(req, fi) == -ENOENT) close(fd);  // the open was interrupted
+}
+
+void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
+  if (refuse_if_read_only(req)) return;
+  if (is_hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  Impl& fs = impl_of(req);
+  Inode& dir = inode_of(req, parent);
+  Record rec;
+  rec.op = Op::create;
+  rec.mode = S_IFREG | (mode & 07777);
+  rec.parent = dir.fid;
+  rec.name = name;
+  rec.fid = new_file_id();
+  set_new_owner(req, dir, rec);
+  Targets t;
+  t.parent_fd = dir.fd;
+  int err = fs.node.submit(rec, t);
+  if (err == EEXIST && !(fi->flags & O_EXCL)) err = 0;  // lost a race with another creator: open it
+  if (err) return (void)fuse_reply_err(req, err);
+  int fd = openat(dir.fd, name, backing_open_flags(fi->flags));
+  if (fd < 0) return (void)fuse_reply_err(req, errno);
+  fuse_entry_param e;
+  if ((err = do_lookup(fs, parent, name, &e))) {
+    close(fd);
+    return (void)fuse_reply_err(req, err);
+  }
+  fi->fh = static_cast<uint64_t>(fd);
+  fi->keep_cache = 1;
+  if (fuse_reply_create(req, &e, fi) == -ENOENT) close(fd);
+}
+
+void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
+  fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+  buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
+  buf.buf[0].fd = static_cast<int>(fi->fh);
+  buf.buf[0].pos = off;
+  fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+}
+
+void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off, fuse_file_info* fi) {
+  if (refuse_if_read_only(req)) return;
+  Impl& fs = impl_of(req);
+  Record rec;
+  rec.op = Op::write;
+  rec.fid = inode_of(req, ino).fid;
+  rec.offset = static_cast<uint64_t>(off);
+  rec.data = std::string_view(data, size);
+  Targets t;
+  t.fd = static_cast<int>(fi->fh);
+  if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
+  fuse_reply_write(req, size);
+}
+
+void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  // close() of a duplicate gives the backing file system its close-time semantics (and errors).
+  int fd = dup(static_cast<int>(fi->fh));
+  int err = 0;
+  if (fd < 0 || close(fd) != 0) err = errno;
+  fuse_reply_err(req, err);
+}
+
+void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  close(static_cast<int>(fi->fh));
+  fuse_reply_err(req, 0);
+}
+
+// fsync, fdatasync, fsyncdir, syncfs and O_SYNC writes: barriers, always made really durable.
+void sync_inode(fuse_req_t req, Inode& inode, int fd, bool datasync) {
+  Impl& fs = impl_of(req);
+  Record rec;
+  rec.op = Op::fsync;
+  rec.fid = inode.fid;
+  rec.flags = datasync ? kDataSync : 0;
+  Targets t;
+  t.fd = fd;
+  t.path_fd = inode.fd;
+  fuse_reply_err(req, fs.node.barrier(rec, t));
+}
+
+void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
+  sync_inode(req, inode_of(req, ino), fi ? static_cast<int>(fi->fh) : -1, datasync != 0);
+}
+
+struct DirHandle {
+  DIR* dp = nullptr;
+  off_t offset = 0;
+  dirent* entry = nullptr;
+  ~DirHandle() {
+    if (dp) closedir(dp);
+  }
+};
+
+DirHandle* dir_handle(fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(fi->fh); }
+
+void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Inode& inode = inode_of(req, ino);
+  auto d = std::make_unique<DirHandle>();
+  int fd = openat(inode.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return (void)fuse_reply_err(req, errno);
+  d->dp = fdopendir(fd);
+  if (!d->dp) {
+    int err = errno;
+    close(fd);
+    return (void)fuse_reply_err(req, err);
+  }
+  fi->fh = reinterpret_cast<uint64_t>(d.get());
+  fi->keep_cache = 1;
+  fi->cache_readdir = 1;
+  if (fuse_reply_open(req, fi) == -ENOENT) return;  // unique_ptr frees it
+  d.release();
+}
+
+void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, fuse_file_info* fi, bool plus) {
+  Impl& fs = impl_of(req);
+  DirHandle* d = dir_handle(fi);
+  std::vector<char> buf(size);
+  size_t used = 0;
+  int err = 0;
+  if (offset != d->offset) {
+    seekdir(d->dp, offset);
+    d->entry = nullptr;
+    d->offset = offset;
+  }
+  for (;;) {
+    if (!d->entry) {
+      errno = 0;
+      d->entry = readdir(d->dp);
+      if (!d->entry) {
+        err = errno;  // 0 at the end of the directory
+        break;
+      }
+    }
+    const char* name = d->entry->d_name;
+    off_t next = d->entry->d_off;
+    if (is_hidden(ino, name)) {
+      d->entry = nullptr;
+      d->offset = next;
+      continue;
+    }
+    size_t n;
+    if (plus) {
+      fuse_entry_param e{};
+      bool dot = !strcmp(name, ".") || !strcmp(name, "..");
+      if (dot) {
+        e.attr.st_ino = d->entry->d_ino;
+        e.attr.st_mode = d->entry->d_type << 12;
+      } else if ((err = do_lookup(fs, ino, name, &e))) {
+        break;
+      }
+      n = fuse_add_direntry_plus(req, buf.data() + used, size - used, name, &e, next);
+      if (n > size - used) {
+        if (!dot) fs.inodes.forget(reinterpret_cast<Inode*>(e.ino), 1);
+        break;
+      }
+    } else {
+      struct stat st{};
+      st.st_ino = d->entry->d_ino;
+      st.st_mode = d->entry->d_type << 12;
+      n = fuse_add_direntry(req, buf.data() + used, size - used, name, &st, next);
+      if (n > size - used) break;
+    }
+    used += n;
+    d->entry = nullptr;
+    d->offset = next;
+  }
+  // An error after some entries is reported on the next call; the kernel gets what we have.
+  if (err && used == 0) fuse_reply_err(req, err);
+  else fuse_reply_buf(req, buf.data(), used);
+}
+
+void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+  do_readdir(req, ino, size, off, fi, false);
+}
+void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+  do_readdir(req, ino, size, off, fi, true);
+}
+
+void op_releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  delete dir_handle(fi);
+  fuse_reply_err(req, 0);
+}
+
+void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
+  int fd = fi ? dirfd(dir_handle(fi)->dp) : -1;
+  sync_inode(req, inode_of(req, ino), fd, datasync != 0);
+}
+
+void op_statfs(fuse_req_t req, fuse_ino_t ino) {
+  struct statvfs sv;
+  if (fstatvfs(inode_of(req, ino).fd, &sv) != 0) return (void)fuse_reply_err(req, errno);
+  fuse_reply_statfs(req, &sv);
+}
+
+void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length, fuse_file_info* fi) {
+  if (refuse_if_read_only(req)) return;
+  Record rec;
+  rec.op = Op::fallocate;
+  rec.fid = inode_of(req, ino).fid;
+  rec.flags = static_cast<uint32_t>(mode);
+  rec.offset = static_cast<uint64_t>(offset);
+  rec.length = static_cast<uint64_t>(length);
+  Targets t;
+  t.fd = static_cast<int>(fi->fh);
+  fuse_reply_err(req, impl_of(req).node.submit(rec, t));
+}
+
+void op_lseek(fuse_req_t req, fuse_ino_t, off_t off, int whence, fuse_file_info* fi) {
+  off_t r = lseek(static_cast<int>(fi->fh), off, whence);
+  if (r < 0) return (void)fuse_reply_err(req, errno);
+  fuse_reply_lseek(req, r);
+}
+
+// xattrs go through /proc/self/fd/N, which reaches the inode the O_PATH descriptor holds.
+void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  if (is_reserved_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
+  Inode& inode = inode_of(req, ino);
+  if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENODATA);  // user xattrs are not allowed on links
+  std::string p = fd_path(inode.fd);
+  if (size == 0) {
+    ssize_t n = getxattr(p.c_str(), name, nullptr, 0);
+    if (n < 0) return (void)fuse_reply_err(req, errno);
+    return (void)fuse_reply_xattr(req, static_cast<size_t>(n));
+  }
+  std::vector<char> buf(size);
+  ssize_t n = getxattr(p.c_str(), name, buf.data(), size);
+  if (n < 0) return (void)fuse_reply_err(req, errno);
+  fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
+}
+
+void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  Inode& inode = inode_of(req, ino);
+  std::string p = fd_path(inode.fd);
+  std::vector<char> raw;
+  ssize_t n = 0;
+  if (inode.type != S_IFLNK) {
+    for (;;) {
+      n = listxattr(p.c_str(), nullptr, 0);
+      if (n < 0) return (void)fuse_reply_err(req, errno);
+      raw.resize(static_cast<size_t>(n) + 1);
+      n = listxattr(p.c_str(), raw.data(), raw.size());
+      if (n >= 0) break;
+      if (errno != ERANGE) return (void)fuse_reply_err(req, errno);
+    }
+  }
+  std::string out;  // the list without blockrepl's own names
+  for (ssize_t i = 0; i < n;) {
+    const char* nm = raw.data() + i;
+    size_t len = strlen(nm);
+    if (!is_reserved_xattr(nm)) out.append(nm, len + 1);
+    i += static_cast<ssize_t>(len) + 1;
+  }
+  if (size == 0) return (void)fuse_reply_xattr(req, out.size());
+  if (out.size() > size) return (void)fuse_reply_err(req, ERANGE);
+  fuse_reply_buf(req, out.data(), out.size());
+}
+
+void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size, int flags) {
+  if (refuse_if_read_only(req)) return;
+  if (is_reserved_xattr(name)) return (void)fuse_reply_err(req, EPERM);
+  Inode& inode = inode_of(req, ino);
+  if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, EPERM);
+  Record rec;
+  rec.op = Op::setxattr;
+  rec.fid = inode.fid;
+  rec.name = name;
+  rec.data = std::string_view(value, size);
+  rec.flags = static_cast<uint32_t>(flags);
+  Targets t;
+  t.path_fd = inode.fd;
+  fuse_reply_err(req, impl_of(req).node.submit(rec, t));
+}
+
+void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  if (refuse_if_read_only(req)) return;
+  if (is_reserved_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
+  Inode& inode = inode_of(req, ino);
+  if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENODATA);
+  Record rec;
+  rec.op = Op::removexattr;
+  rec.fid = inode.fid;
+  rec.name = name;
+  Targets t;
+  t.path_fd = inode.fd;
+  fuse_reply_err(req, impl_of(req).node.submit(rec, t));
+}
+
+fuse_lowlevel_ops make_ops() {
+  fuse_lowlevel_ops ops{};
+  ops.init = op_init;
+  ops.lookup = op_lookup;
+  ops.forget = op_forget;
+  ops.forget_multi = op_forget_multi;
+  ops.getattr = op_getattr;
+  ops.setattr = op_setattr;
+  ops.readlink = op_readlink;
+  ops.mknod = op_mknod;
+  ops.mkdir = op_mkdir;
+  ops.symlink = op_symlink;
+  ops.link = op_link;
+  ops.unlink = op_unlink;
+  ops.rmdir = op_rmdir;
+  ops.rename = op_rename;
+  ops.open = op_open;
+  ops.create = op_create;
+  ops.read = op_read;
+  ops.write = op_write;
+  ops.flush = op_flush;
+  ops.release = op_release;
+  ops.fsync = op_fsync;
+  ops.opendir = op_opendir;
+  ops.readdir = op_readdir;
+  ops.readdirplus = op_readdirplus;
+  ops.releasedir = op_releasedir;
+  ops.fsyncdir = op_fsyncdir;
+  ops.statfs = op_statfs;
+  ops.fallocate = op_fallocate;
+  ops.lseek = op_lseek;
+  ops.getxattr = op_getxattr;
+  ops.listxattr = op_listxattr;
+  ops.setxattr = op_setxattr;
+  ops.removexattr = op_removexattr;
+  return ops;
+}
+
+}  // namespace
+
+Filesystem::Filesystem(Node& node, MountConfig cfg) : node_(node), cfg_(std::move(cfg)) {
+  impl_ = new Impl(node_, cfg_);
+  auto root = std::make_unique<Inode>();
+  root->fd = open(node_.data_path().c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (root->fd < 0) throw_errno("cannot open data directory " + node_.data_path(), errno);
+  struct stat st;
+  if (fstat(root->fd, &st) != 0) throw_errno("cannot stat data directory " + node_.data_path(), errno);
+  root->src_dev = st.st_dev;
+  root->src_ino = st.st_ino;
+  root->type = S_IFDIR;
+  root->fid = kRootFileId;
+  impl_->inodes.set_root(std::move(root));
+}
+
+Filesystem::~Filesystem() {
+  if (se_) {
+    if (mounted_) fuse_session_unmount(se_);
+    fuse_remove_signal_handlers(se_);
+    fuse_session_destroy(se_);
+  }
+  delete impl_;
+}
+
+void Filesystem::mount() {
+  std::string opts = "allow_other,default_permissions,fsname=blockrepl:" + node_.data_path() + ",subtype=blockrepl";
+  std::vector<std::string> argv_s = {"blockrepl", "-o", opts};
+  if (cfg_.debug) argv_s.push_back("-d");
+  std::vector<char*> argv;
+  for (auto& s : argv_s) argv.push_back(s.data());
+  fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  fuse_lowlevel_ops ops = make_ops();
+  se_ = fuse_session_new(&args, &ops, sizeof ops, impl_);
+  if (!se_) throw Error("cannot create the FUSE session for " + cfg_.mountpoint);
+  if (fuse_set_signal_handlers(se_) != 0) throw Error("cannot install signal handlers");
+  if (fuse_session_mount(se_, cfg_.mountpoint.c_str()) != 0)
+    throw Error("cannot mount " + cfg_.mountpoint + " (is /dev/fuse available and are you root?)");
+  mounted_ = true;
+}
+
+int Filesystem::serve() {
+  fuse_loop_config* lc = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_clone_fd(lc, 1);
+  fuse_loop_cfg_set_max_threads(lc, cfg_.max_threads);
+  fuse_loop_cfg_set_idle_threads(lc, 4);
+  int rc = fuse_session_loop_mt(se_, lc);
+  fuse_loop_cfg_destroy(lc);
+  if (mounted_) {
+    fuse_session_unmount(se_);
+    mounted_ = false;
+  }
+  return rc < 0 ? 1 : 0;
+}
+
+void Filesystem::stop() {
+  if (se_) fuse_session_exit(se_);
+}
+
+}  // namespace blockrepl::fs

@@ -1,0 +1,49 @@
+// The FUSE low-level file system: passes every operation through to the backing directory and
+// turns each change into a Record that the Node applies and publishes. No replication logic here.
+#pragma once
+#include <functional>
+#include <string>
+
+#include "blockrepl/node.h"
+
+struct fuse_session;
+
+namespace blockrepl::fs {
+
+struct MountConfig {
+  std::string mountpoint;
+  bool read_only = false;      // a slave: every change is refused with EROFS
+  bool debug = false;          // libfuse's request trace
+  double timeout = 86400.0;    // entry/attr cache timeout (seconds); only we change the backing dir
+  unsigned max_threads = 16;
+};
+
+class Filesystem {
+ public:
+  Filesystem(Node& node, MountConfig cfg);
+  ~Filesystem();
+  Filesystem(const Filesystem&) = delete;
+  Filesystem& operator=(const Filesystem&) = delete;
+
+  // Mounts; throws Error with a clear message if that fails.
+  void mount();
+  // Serves requests until unmounted or signalled (SIGINT/SIGTERM/SIGHUP). Returns 0 on a clean exit.
+  int serve();
+  // Asks serve() to return (from any thread).
+  void stop();
+
+  void set_read_only(bool ro) { cfg_.read_only = ro; }
+  bool read_only() const { return cfg_.read_only; }
+  fuse_session* session() { return se_; }
+
+  struct Impl;
+
+ private:
+  Node& node_;
+  MountConfig cfg_;
+  fuse_session* se_ = nullptr;
+  Impl* impl_ = nullptr;
+  bool mounted_ = false;
+};
+
+}  // namespace blockrepl::fs

@@ -1,0 +1,173 @@
+#include "harness.h"
+
+#include <gtest/gtest.h>
+
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <filesystem>
+#include <fstream>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sstream>
+#include <stdexcept>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+
+namespace blockrepl::test {
+
+std::string blockrepl_binary() {
+  if (const char* b = getenv("BLOCKREPL_BIN")) return b;
+  return BLOCKREPL_BIN_PATH;
+}
+
+TempDir::TempDir(const std::string& tag) {
+  const char* base = getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/var/tmp") + "/blockrepl-" + tag + "-XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (!mkdtemp(buf.data())) throw std::runtime_error("mkdtemp " + tmpl + ": " + strerror(errno));
+  path_ = buf.data();
+}
+
+TempDir::~TempDir() {
+  // Never recurse into a mount that is still there: unmount anything left below first.
+  std::ifstream in("/proc/self/mounts");
+  std::string dev, mnt, rest;
+  std::vector<std::string> left;
+  while (in >> dev >> mnt && std::getline(in, rest))
+    if (mnt.rfind(path_ + "/", 0) == 0) left.push_back(mnt);
+  for (auto& m : left) run_command({"fusermount3", "-u", "-z", m}, 30);
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+std::string TempDir::sub(const std::string& name) const {
+  std::string p = path_ + "/" + name;
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+CommandResult run_command(const std::vector<std::string>& argv, int timeout_sec) {
+  CommandResult r;
+  int out[2], err[2];
+  if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    dup2(err[1], 2);
+    int null = open("/dev/null", O_RDONLY);
+    dup2(null, 0);
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execvp(args[0], args.data());
+    _exit(127);
+  }
+  close(out[1]);
+  close(err[1]);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_sec);
+  bool out_open = true, err_open = true, timed_out = false;
+  while (out_open || err_open) {
+    pollfd p[2] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+    int ms = static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count());
+    if (ms <= 0) {
+      timed_out = true;
+      break;
+    }
+    int n = poll(p, 2, ms);
+    if (n < 0 && errno == EINTR) continue;
+    char buf[4096];
+    for (int i = 0; i < 2; i++) {
+      if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      ssize_t k = read(p[i].fd, buf, sizeof buf);
+      if (k <= 0) {
+        (i == 0 ? out_open : err_open) = false;
+        p[i].fd = -1;
+      } else {
+        (i == 0 ? r.out : r.err).append(buf, static_cast<size_t>(k));
+      }
+    }
+    if (!out_open) p[0].fd = -1;
+  }
+  close(out[0]);
+  close(err[0]);
+  if (timed_out) kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  r.exit_code = timed_out ? -1 : WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+CommandResult run_blockrepl(const std::vector<std::string>& args, int timeout_sec) {
+  std::vector<std::string> argv = {blockrepl_binary()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_command(argv, timeout_sec);
+}
+
+Mount::Mount(const std::string& data, const std::string& mnt, const std::vector<std::string>& extra)
+    : data_(data), mnt_(mnt) {
+  std::vector<std::string> args = {"mount", "--data", data};
+  args.insert(args.end(), extra.begin(), extra.end());
+  args.push_back(mnt);
+  CommandResult r = run_blockrepl(args, 120);
+  ok_ = r.exit_code == 0 && is_mounted(mnt);
+  error_ = r.err;
+  EXPECT_TRUE(ok_) << "mount failed (exit " << r.exit_code << "): " << r.err;
+}
+
+Mount::~Mount() { unmount(); }
+
+void Mount::unmount() {
+  if (!is_mounted(mnt_)) return;
+  CommandResult r = run_blockrepl({"umount", mnt_}, 120);
+  if (r.exit_code != 0) {
+    // Busy (a test left a file open): detach lazily so nothing stays behind.
+    run_command({"fusermount3", "-u", "-z", mnt_}, 30);
+  }
+}
+
+bool is_mounted(const std::string& path) {
+  char buf[PATH_MAX];
+  std::string p = realpath(path.c_str(), buf) ? buf : path;
+  std::ifstream in("/proc/self/mounts");
+  std::string dev, mnt, rest;
+  while (in >> dev >> mnt && std::getline(in, rest))
+    if (mnt == p) return true;
+  return false;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_file(const std::string& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw std::runtime_error("cannot write " + path);
+  out << data;
+}
+
+int free_port() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+}  // namespace blockrepl::test

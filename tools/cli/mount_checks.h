@@ -1,0 +1,20 @@
+// Checks on the paths given to `mount`, done before anything is written, each failing with one
+// clear sentence.
+#pragma once
+#include <optional>
+#include <string>
+
+namespace blockrepl::cli {
+
+// Returns an error sentence, or nullopt when the data directory and mount point are usable.
+// On success sets the canonical (absolute) paths.
+std::optional<std::string> check_mount_paths(const std::string& data, const std::string& mountpoint,
+                                             std::string* data_abs, std::string* mountpoint_abs);
+
+// Whether `path` (canonical) is a mount point according to /proc/self/mountinfo.
+bool is_mount_point(const std::string& path);
+// For a blockrepl mount: the backing directory from its fsname ("blockrepl:/srv/db"); nullopt if
+// `path` is not a blockrepl mount.
+std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs);
+
+}  // namespace blockrepl::cli

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package that blockrepl's build, tests and benchmarks need.
+# Idempotent; must run as root (or through sudo).
+set -euo pipefail
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null; then exec sudo -E bash "$0" "$@"; fi
+  echo "setup.sh: must run as root (apt-get install)" >&2; exit 1
+fi
+packages=(
+  build-essential cmake pkg-config git      # toolchain
+  libfuse3-dev fuse3                         # FUSE low-level API and fusermount3
+  liburing-dev                               # io_uring for the replication stream and apply path
+  capnproto libcapnp-dev                     # wire protocol schema, framing, kj async I/O
+  libxxhash-dev                              # XXH3-128 block hashes
+  libcli11-dev                               # command-line parsing
+  nlohmann-json3-dev                         # status --json
+  libgtest-dev googletest                    # unit and integration tests
+  libbenchmark-dev                           # micro benchmarks
+  fio sqlite3 libsqlite3-dev                 # I/O and database benchmarks, SQLite tests
+  postgresql postgresql-contrib              # pgbench and PostgreSQL tests
+  rsync                                      # re-attach benchmark baseline
+  procps psmisc util-linux                   # pkill/fuser/mountpoint used by tests and scripts
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# FUSE mounts usable by other users (allow_other) need this line.
+if [ -f /etc/fuse.conf ] && ! grep -qE '^\s*user_allow_other' /etc/fuse.conf; then
+  echo user_allow_other >> /etc/fuse.conf
+fi
+[ -e /dev/fuse ] || { echo "setup.sh: /dev/fuse missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
