@@ -85,7 +85,19 @@ Identity load_or_create_identity(int meta_fd, const std::string& data_path) {
     throw Error(data_path + "/" + kMetadataDirName + "/identity is damaged (no node_id)");
   id.node_id = kv["node_id"];
   id.cluster_id = kv["cluster_id"];
+  id.role = kv["role"];
   try {
+    std::string lin = kv["lineage"];
+    size_t start = 0;
+    while (start < lin.size()) {
+      size_t comma = lin.find(',', start);
+      if (comma == std::string::npos) comma = lin.size();
+      std::string item = lin.substr(start, comma - start);
+      size_t at = item.find('@');
+      if (at == std::string::npos) throw std::invalid_argument("lineage");
+      id.lineage.push_back({item.substr(0, at), std::stoull(item.substr(at + 1))});
+      start = comma + 1;
+    }
     if (!kv["block_size"].empty()) id.block_size = static_cast<uint32_t>(std::stoul(kv["block_size"]));
     if (!kv["lsn_reserved"].empty()) id.lsn_reserved = std::stoull(kv["lsn_reserved"]);
   } catch (const std::exception&) {
@@ -99,7 +111,12 @@ void store_identity(int meta_fd, const Identity& id, const std::string& data_pat
   out << "node_id=" << id.node_id << "\n"
       << "cluster_id=" << id.cluster_id << "\n"
       << "block_size=" << id.block_size << "\n"
-      << "lsn_reserved=" << id.lsn_reserved << "\n";
+      << "lsn_reserved=" << id.lsn_reserved << "\n"
+      << "role=" << id.role << "\n"
+      << "lineage=";
+  for (size_t i = 0; i < id.lineage.size(); i++)
+    out << (i ? "," : "") << id.lineage[i].id << "@" << id.lineage[i].first_lsn;
+  out << "\n";
   const std::string text = out.str();
   const std::string where = data_path + "/" + kMetadataDirName + "/identity";
   int fd = openat(meta_fd, "identity.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);

@@ -3,16 +3,27 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace blockrepl {
 
 inline constexpr const char kMetadataDirName[] = ".blockrepl";
 
+// One period of a volume's history: records from first_lsn on were written under this id. A
+// promotion starts a new one; two nodes share history up to where their lineages agree.
+struct LineageEntry {
+  std::string id;
+  uint64_t first_lsn = 0;
+  bool operator==(const LineageEntry&) const = default;
+};
+
 struct Identity {
   std::string node_id;     // random, made when this data directory was first mounted
   std::string cluster_id;  // made by the first master; a slave takes its master's
   uint32_t block_size = 4096;
-  uint64_t lsn_reserved = 0;  // LSNs below this may have been used (see LsnAllocator)
+  uint64_t lsn_reserved = 0;  // LSNs below this may have been used (see Node)
+  std::vector<LineageEntry> lineage;  // oldest first; empty until the node first acts as master or attaches
+  std::string role;  // "master" or "slave": what this directory last was
 };
 
 // Opens (creating on first use) <data>/.blockrepl and returns its fd (O_PATH|O_DIRECTORY).

@@ -44,12 +44,24 @@ Node::~Node() {
   if (root_fd_ >= 0) close(root_fd_);
 }
 
+Identity Node::identity() const {
+  std::lock_guard lk(identity_mu_);
+  return identity_;
+}
+
+void Node::update_identity(const std::function<void(Identity&)>& change) {
+  std::lock_guard lk(identity_mu_);
+  Identity next = identity_;
+  change(next);
+  store_identity(meta_fd_, next, data_path_);
+  identity_ = next;
+}
+
 Lsn Node::next_lsn_locked() {
   Lsn lsn = last_lsn_.load(std::memory_order_relaxed) + 1;
   if (lsn >= identity_.lsn_reserved) {
-    identity_.lsn_reserved = lsn + kLsnChunk;
     try {
-      store_identity(meta_fd_, identity_, data_path_);
+      update_identity([&](Identity& id) { id.lsn_reserved = lsn + kLsnChunk; });
     } catch (const Error& e) {
       // Keep going: the reservation only matters after a crash, and refusing writes is worse.
       LOG_ERROR("lsn %llu: %s", static_cast<unsigned long long>(lsn), e.what());
@@ -69,13 +81,43 @@ int Node::submit(Record& rec, const Targets& t) {
 }
 
 int Node::barrier(Record& rec, const Targets& t) {
+  std::function<int(Lsn)> waiter;
   {
     std::lock_guard lk(order_mu_);
     rec.lsn = next_lsn_locked();
     for (RecordSink* s : sinks_) s->on_record(rec);
     last_lsn_.store(rec.lsn, std::memory_order_release);
+    waiter = barrier_waiter_;
   }
-  return store_.apply(rec, t);
+  // The record is already on its way to the slaves: local and remote durability overlap.
+  int err = store_.apply(rec, t);
+  int remote = waiter ? waiter(rec.lsn) : 0;
+  return err ? err : remote;
+}
+
+int Node::apply_received(const Record& rec, bool replay) {
+  std::lock_guard lk(order_mu_);
+  if (!rec.is_barrier()) {
+    int err = replay ? store_.apply_replayed(rec) : store_.apply(rec);
+    if (err) return err;
+  }
+  for (RecordSink* s : sinks_) s->on_record(rec);
+  last_lsn_.store(rec.lsn, std::memory_order_release);
+  return 0;
+}
+
+void Node::set_barrier_waiter(std::function<int(Lsn)> waiter) {
+  std::lock_guard lk(order_mu_);
+  barrier_waiter_ = std::move(waiter);
+}
+
+void Node::close_clean() {
+  std::lock_guard lk(order_mu_);
+  try {
+    update_identity([&](Identity& id) { id.lsn_reserved = last_lsn(); });
+  } catch (const Error& e) {
+    LOG_WARN("%s", e.what());
+  }
 }
 
 void Node::add_sink(RecordSink* sink) {

@@ -3,6 +3,7 @@
 // journal and the senders to slaves plug in here).
 #pragma once
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -38,6 +39,21 @@ class Node {
   // outside the ordering lock so that other writers are not held up by the disk.
   int barrier(Record& rec, const Targets& t = {});
 
+  // A slave: applies a record received from upstream with the same store (keeping its LSN) and
+  // publishes it to this node's sinks (its own slaves). `replay` applies it tolerantly (see
+  // Store::apply_replayed). Barrier records are published but not applied: the caller makes
+  // everything before them durable itself.
+  int apply_received(const Record& rec, bool replay);
+  void set_last_lsn(Lsn lsn) { last_lsn_.store(lsn, std::memory_order_release); }
+
+  // Called by barrier() once the barrier is durable here, to wait for the slaves the ack level
+  // names; returns 0 or an errno (EIO when too few slaves confirmed in time).
+  void set_barrier_waiter(std::function<int(Lsn)> waiter);
+
+  // A clean shutdown: the next start continues right after the last LSN used (so slaves that
+  // hold everything can keep streaming) instead of skipping past the reservation.
+  void close_clean();
+
   void add_sink(RecordSink* sink);
   void remove_sink(RecordSink* sink);
 
@@ -45,7 +61,10 @@ class Node {
   Store& store() { return store_; }
   int root_fd() const { return root_fd_; }
   const std::string& data_path() const { return data_path_; }
-  const Identity& identity() const { return identity_; }
+  int meta_fd() const { return meta_fd_; }
+  Identity identity() const;
+  // Changes the identity and writes it durably (cluster id, lineage, role); throws Error.
+  void update_identity(const std::function<void(Identity&)>& change);
 
  private:
   Lsn next_lsn_locked();
@@ -53,11 +72,13 @@ class Node {
   std::string data_path_;
   int root_fd_ = -1;
   int meta_fd_ = -1;
+  mutable std::mutex identity_mu_;
   Identity identity_;
   Store store_;
   std::mutex order_mu_;
   std::atomic<Lsn> last_lsn_{0};
   std::vector<RecordSink*> sinks_;
+  std::function<int(Lsn)> barrier_waiter_;
   // LSNs are reserved on disk in chunks so that a restarted node never reuses one, without a
   // disk write per record.
   static constexpr Lsn kLsnChunk = Lsn{1} << 24;

@@ -152,7 +152,7 @@ int Store::apply(const Record& rec, const Targets& given) {
       return ok_or_errno(rc);
     }
     case Op::fsync: {
-      if (rec.fid == kInvalidFileId) return ok_or_errno(syncfs(root_fd_));
+      if (rec.fid == kInvalidFileId) return sync_all();
       int fd = t.fd >= 0 ? t.fd : -1;
       int tmp = -1;
       if (fd < 0) {
@@ -169,6 +169,63 @@ int Store::apply(const Record& rec, const Targets& given) {
     }
   }
   return EINVAL;
+}
+
+int Store::sync_all() {
+  int fd = open(fd_path(root_fd_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errno;
+  int err = syncfs(fd) == 0 ? 0 : errno;
+  close(fd);
+  return err;
+}
+
+FileId Store::entry_fid(FileId dir, const std::string& name) {
+  int dfd = files_.path_fd(dir);
+  if (dfd < 0 || !valid_name(name)) return kInvalidFileId;
+  return read_file_id(dfd, name.c_str()).value_or(kInvalidFileId);
+}
+
+int Store::apply_replayed(const Record& rec) {
+  auto skip_unless = [&](bool cond) { return !cond; };
+  switch (rec.op) {
+    case Op::create:
+    case Op::mkdir:
+    case Op::symlink: {
+      FileId there = entry_fid(rec.parent, rec.name);
+      if (there != kInvalidFileId) {
+        // Already created (same id), or the name belongs to a later file: either way the
+        // directory is past this record.
+        if (there == rec.fid) files_.add(rec.fid, files_.path_fd(rec.parent), rec.name.c_str());
+        return 0;
+      }
+      break;
+    }
+    case Op::link: {
+      if (entry_fid(rec.parent, rec.name) != kInvalidFileId) return 0;
+      if (files_.path_fd(rec.fid) < 0) return 0;
+      break;
+    }
+    case Op::unlink:
+    case Op::rmdir:
+    case Op::rename:
+      if (skip_unless(rec.fid != kInvalidFileId && entry_fid(rec.parent, rec.name) == rec.fid)) return 0;
+      break;
+    default:
+      if (rec.fid != kInvalidFileId && files_.path_fd(rec.fid) < 0) return 0;  // the file is gone by now
+      break;
+  }
+  int err = apply(rec);
+  switch (err) {
+    case 0:
+      return 0;
+    case ENOENT:
+    case EEXIST:
+    case ENOTEMPTY:
+    case ENODATA:
+      return 0;  // the directory already reflects a later state
+    default:
+      return err;
+  }
 }
 
 }  // namespace blockrepl

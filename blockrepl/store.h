@@ -28,12 +28,23 @@ class Store {
   // Applies one record. Returns 0 or an errno (the backing file system's answer).
   int apply(const Record& rec, const Targets& given = {});
 
+  // Applies a record that may already be reflected in the directory: during a full copy taken
+  // while the master kept writing, and after a restart that re-receives records applied before
+  // it. Namespace records apply only if the entries they name carry the file ids they expect;
+  // a record whose effect is already there, or whose file no longer exists, is skipped.
+  // Returns 0 (applied or skipped) or an errno for a real failure.
+  int apply_replayed(const Record& rec);
+
+  // syncfs() of the backing file system (the root descriptor is O_PATH, which syncfs refuses).
+  int sync_all();
+
   FileTable& files() { return files_; }
   int root_fd() const { return root_fd_; }
 
  private:
   int resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw);
   int apply_created(const Record& rec, int parent_fd);
+  FileId entry_fid(FileId dir, const std::string& name);
 
   int root_fd_;
   bool track_files_;

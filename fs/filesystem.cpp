@@ -3,6 +3,7 @@
 
 #include <fuse_lowlevel.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <dirent.h>
@@ -25,11 +26,71 @@
 
 namespace blockrepl::fs {
 
-struct Filesystem::Impl {
+struct Filesystem::Impl : public CacheInvalidator {
   Node& node;
   MountConfig& cfg;
   InodeTable inodes;
+  std::atomic<fuse_session*> se{nullptr};
   explicit Impl(Node& n, MountConfig& c) : node(n), cfg(c) {}
+
+  // The kernel's inode number for a file id, or 0 if the kernel does not know the file.
+  fuse_ino_t ino_for(FileId fid) {
+    if (fid == kRootFileId) return FUSE_ROOT_ID;
+    int fd = node.store().files().path_fd(fid);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) return 0;
+    Inode* inode = inodes.find(st.st_dev, st.st_ino);
+    if (!inode) return 0;
+    return inode == inodes.root() ? FUSE_ROOT_ID : reinterpret_cast<fuse_ino_t>(inode);
+  }
+
+  void entry(FileId parent, const std::string& name) {
+    fuse_session* s = se.load();
+    if (fuse_ino_t p = s ? ino_for(parent) : 0) fuse_lowlevel_notify_inval_entry(s, p, name.c_str(), name.size());
+  }
+  void data(FileId fid, off_t off, off_t len) {
+    fuse_session* s = se.load();
+    if (fuse_ino_t i = s ? ino_for(fid) : 0) fuse_lowlevel_notify_inval_inode(s, i, off, len);
+  }
+
+  void invalidate(const Record& rec) override {
+    if (!se) return;
+    switch (rec.op) {
+      case Op::write:
+        data(rec.fid, static_cast<off_t>(rec.offset), static_cast<off_t>(rec.data.size()));
+        break;
+      case Op::truncate:
+      case Op::fallocate:
+        data(rec.fid, 0, 0);
+        break;
+      case Op::setattr:
+      case Op::setxattr:
+      case Op::removexattr:
+        data(rec.fid, -1, 0);  // attributes only
+        break;
+      case Op::create:
+      case Op::mkdir:
+      case Op::symlink:
+        entry(rec.parent, rec.name);
+        data(rec.parent, -1, 0);
+        break;
+      case Op::link:
+      case Op::unlink:
+      case Op::rmdir:
+        entry(rec.parent, rec.name);
+        data(rec.parent, -1, 0);
+        data(rec.fid, -1, 0);  // its link count changed
+        break;
+      case Op::rename:
+        entry(rec.parent, rec.name);
+        entry(rec.parent2, rec.name2);
+        data(rec.parent, -1, 0);
+        data(rec.parent2, -1, 0);
+        break;
+      case Op::fsync:
+        break;
+    }
+  }
 };
 
 namespace {
@@ -50,6 +111,8 @@ fuse_ino_t ino_of(Impl& fs, Inode* inode) {
 bool is_hidden(fuse_ino_t parent, const char* name) {
   return parent == FUSE_ROOT_ID && strcmp(name, kMetadataDirName) == 0;
 }
+
+constexpr const char kCapsXattr[] = "security.capability";
 
 bool is_reserved_xattr(const char* name) {
   return strncmp(name, kReservedXattrPrefix, sizeof(kReservedXattrPrefix) - 1) == 0;
@@ -152,8 +215,10 @@ int open_for_change(Inode& inode, int flags) {
 
 void op_init(void* userdata, fuse_conn_info* conn) {
   auto& fs = *static_cast<Impl*>(userdata);
-  (void)fs;
-  if (conn->capable & FUSE_CAP_WRITEBACK_CACHE) conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+  // The writeback cache makes the kernel trust its own file sizes; a replica's files change
+  // behind the kernel's back, so there the daemon's attributes must win.
+  if (!fs.cfg.read_only && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+  else conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
   // Truncation on open arrives as a setattr, so it becomes a truncate record like any other.
@@ -591,15 +656,23 @@ void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) 
   if (is_reserved_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
   Inode& inode = inode_of(req, ino);
   if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENODATA);  // user xattrs are not allowed on links
+  const bool caps = strcmp(name, kCapsXattr) == 0;
+  if (caps && inode.known_no_caps.load(std::memory_order_relaxed)) return (void)fuse_reply_err(req, ENODATA);
   std::string p = fd_path(inode.fd);
   if (size == 0) {
     ssize_t n = getxattr(p.c_str(), name, nullptr, 0);
-    if (n < 0) return (void)fuse_reply_err(req, errno);
+    if (n < 0) {
+      if (caps && errno == ENODATA) inode.known_no_caps.store(true, std::memory_order_relaxed);
+      return (void)fuse_reply_err(req, errno);
+    }
     return (void)fuse_reply_xattr(req, static_cast<size_t>(n));
   }
   std::vector<char> buf(size);
   ssize_t n = getxattr(p.c_str(), name, buf.data(), size);
-  if (n < 0) return (void)fuse_reply_err(req, errno);
+  if (n < 0) {
+    if (caps && errno == ENODATA) inode.known_no_caps.store(true, std::memory_order_relaxed);
+    return (void)fuse_reply_err(req, errno);
+  }
   fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
 }
 
@@ -636,6 +709,7 @@ void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* v
   Inode& inode = inode_of(req, ino);
   if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, EPERM);
   Record rec;
+  if (strcmp(name, kCapsXattr) == 0) inode.known_no_caps.store(false, std::memory_order_relaxed);
   rec.op = Op::setxattr;
   rec.fid = inode.fid;
   rec.name = name;
@@ -737,6 +811,7 @@ void Filesystem::mount() {
   if (fuse_session_mount(se_, cfg_.mountpoint.c_str()) != 0)
     throw Error("cannot mount " + cfg_.mountpoint + " (is /dev/fuse available and are you root?)");
   mounted_ = true;
+  impl_->se = se_;
 }
 
 int Filesystem::serve() {
@@ -746,12 +821,15 @@ int Filesystem::serve() {
   fuse_loop_cfg_set_idle_threads(lc, 4);
   int rc = fuse_session_loop_mt(se_, lc);
   fuse_loop_cfg_destroy(lc);
+  impl_->se = nullptr;
   if (mounted_) {
     fuse_session_unmount(se_);
     mounted_ = false;
   }
   return rc < 0 ? 1 : 0;
 }
+
+CacheInvalidator* Filesystem::invalidator() { return impl_; }
 
 void Filesystem::stop() {
   if (se_) fuse_session_exit(se_);

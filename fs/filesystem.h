@@ -4,6 +4,7 @@
 #include <functional>
 #include <string>
 
+#include "blockrepl/follower.h"
 #include "blockrepl/node.h"
 
 struct fuse_session;
@@ -31,6 +32,10 @@ class Filesystem {
   int serve();
   // Asks serve() to return (from any thread).
   void stop();
+
+  // Drops what the kernel caches for what a record changed (a slave's applier calls it after
+  // applying each record, never from inside a file-system operation).
+  CacheInvalidator* invalidator();
 
   void set_read_only(bool ro) { cfg_.read_only = ro; }
   bool read_only() const { return cfg_.read_only; }

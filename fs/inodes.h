@@ -20,6 +20,9 @@ struct Inode {
   mode_t type = 0;  // S_IFMT bits
   std::atomic<FileId> fid{kInvalidFileId};
   uint64_t nlookup = 0;  // guarded by InodeTable's mutex
+  // The kernel asks for security.capability before every write (to drop privileges); caching
+  // "it has none" answers that without touching the backing file. Reset when it is set.
+  std::atomic<bool> known_no_caps{false};
   ~Inode();
 };
 

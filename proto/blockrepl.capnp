@@ -1,3 +1,156 @@
 @0xc3a1f0e6b2d49a71;
-# blockrepl wire protocol (filled in by the streaming-replication work).
-struct Placeholder { version @0 :UInt32; }
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("blockrepl::wire");
+# blockrepl wire protocol, version 1.
+#
+# Transport: TCP. Each message is one frame: a 4-byte little-endian length N followed by N bytes
+# holding one Cap'n Proto message (flat array, unpacked) whose root is `Message`. A receiver
+# refuses frames larger than its limit (64 MiB) and decodes with a traversal limit, so a broken
+# or hostile peer costs at most one frame of memory; any violation drops the connection.
+#
+# Conversation (the downstream node, a slave or `pull`, opens the connection):
+#   slave  -> master  hello        who I am, what I hold (cluster, node, block size, hash,
+#                                  lineage, last durable LSN), what ack level I want
+#   master -> slave   welcome      accepted: the attach method and where the stream starts
+#                     | error      refused: a reason the slave prints (cluster mismatch, ...)
+#   full copy (method "full"):
+#   master -> slave   copyEntry*   every file and directory with its metadata and data chunks,
+#                     copyDone     then the LSN from which the copy is exact once the records
+#                                  that follow (from welcome.startLsn on) are applied
+#   then, forever:
+#   master -> slave   batch        records in LSN order (a barrier is an `fsync` record)
+#                     heartbeat    when idle, so a dead master is noticed
+#   slave  -> master  ack          received LSN (in memory) and durable LSN (fsynced)
+#   either            error        why the sender is closing the connection
+#
+# Acknowledgements carry both LSNs so the master can answer `recv` and `sync` barriers and report
+# STORED (durable on the master) versus PROPAGATED (durable on the slave) separately.
+
+const protocolVersion :UInt32 = 1;
+
+enum AckLevel {
+  async @0;   # barriers never wait for this slave
+  recv @1;    # barriers wait until this slave has received the records
+  sync @2;    # barriers wait until this slave has made the records durable
+}
+
+enum AttachMethod {
+  full @0;     # empty slave: full copy, then stream
+  stream @1;   # slave's (lineage, LSN) is on the master's history and in its journal
+  merkle @2;   # hash-tree comparison (fast re-attach)
+}
+
+struct LineageEntry {
+  id @0 :Text;        # lineage (history) id
+  firstLsn @1 :UInt64;  # the first LSN written under this id
+}
+
+struct Hello {
+  protocolVersion @0 :UInt32;
+  clusterId @1 :Text;        # empty for an empty slave that has never attached
+  nodeId @2 :Text;
+  blockSize @3 :UInt32;
+  hashAlgorithm @4 :Text;    # "xxh3-128"
+  lineage @5 :List(LineageEntry);
+  durableLsn @6 :UInt64;     # last LSN durable on the slave (0 if empty)
+  ackLevel @7 :AckLevel;
+  empty @8 :Bool;            # the slave holds no data (may take a full copy)
+  listenAddress @9 :Text;    # where this slave serves its own slaves ("" if it does not)
+}
+
+struct Welcome {
+  protocolVersion @0 :UInt32;
+  clusterId @1 :Text;
+  nodeId @2 :Text;
+  blockSize @3 :UInt32;
+  lineage @4 :List(LineageEntry);
+  method @5 :AttachMethod;
+  startLsn @6 :UInt64;       # records that follow start after this LSN
+}
+
+# One change. Field meanings follow blockrepl/record.h.
+struct Record {
+  lsn @0 :UInt64;
+  op @1 :UInt8;
+  fid @2 :UInt64;
+  parent @3 :UInt64;
+  parent2 @4 :UInt64;
+  name @5 :Data;
+  name2 @6 :Data;
+  offset @7 :UInt64;
+  length @8 :UInt64;
+  mode @9 :UInt32;
+  flags @10 :UInt32;
+  uid @11 :UInt32;
+  gid @12 :UInt32;
+  attrValid @13 :UInt32;
+  rdev @14 :UInt64;
+  atimeSec @15 :Int64;
+  atimeNsec @16 :Int64;
+  mtimeSec @17 :Int64;
+  mtimeNsec @18 :Int64;
+  data @19 :Data;
+}
+
+struct Batch {
+  records @0 :List(Record);
+}
+
+struct Ack {
+  receivedLsn @0 :UInt64;
+  durableLsn @1 :UInt64;
+}
+
+struct Heartbeat {
+  lsn @0 :UInt64;    # sender's last LSN
+}
+
+struct Xattr {
+  name @0 :Text;
+  value @1 :Data;
+}
+
+# One entry of a full copy. Directories come before what they contain.
+struct CopyEntry {
+  path @0 :Data;       # relative to the volume root, '/'-separated, no "..", no leading '/'
+  fid @1 :UInt64;
+  mode @2 :UInt32;     # with type bits
+  uid @3 :UInt32;
+  gid @4 :UInt32;
+  size @5 :UInt64;
+  rdev @6 :UInt64;
+  atimeSec @7 :Int64;
+  atimeNsec @8 :Int64;
+  mtimeSec @9 :Int64;
+  mtimeNsec @10 :Int64;
+  linkTarget @11 :Data;
+  xattrs @12 :List(Xattr);
+  hardLinkOf @13 :Data;   # non-empty: another path of the same file, already sent
+  chunkOffset @14 :UInt64;
+  chunk @15 :Data;        # file data at chunkOffset (entries may repeat with further chunks)
+  more @16 :Bool;         # more chunks of this file follow
+}
+
+struct CopyDone {
+  lsn @0 :UInt64;         # the copy reflects at least every record up to here
+  files @1 :UInt64;
+  bytes @2 :UInt64;
+}
+
+struct ErrorMessage {
+  reason @0 :Text;        # one line, printed by the other side
+  fatal @1 :Bool;         # true: do not retry without operator action (mismatch, refused)
+}
+
+struct Message {
+  union {
+    hello @0 :Hello;
+    welcome @1 :Welcome;
+    batch @2 :Batch;
+    ack @3 :Ack;
+    heartbeat @4 :Heartbeat;
+    copyEntry @5 :CopyEntry;
+    copyDone @6 :CopyDone;
+    error @7 :ErrorMessage;
+  }
+}

@@ -18,12 +18,27 @@ int main(int argc, char** argv) {
   mount_cmd->add_flag("-v,--verbose", mount.verbose, "more log lines on stderr (-vv for debug)");
   mount_cmd->add_flag("--fuse-debug", mount.fuse_debug, "trace every FUSE request (very verbose)");
   mount_cmd->add_option("--log-file", mount.log_file, "where the background daemon writes its log (default: nowhere)");
+  mount_cmd->add_option("--listen", mount.listen, "serve slaves on ADDR:PORT");
+  mount_cmd->add_option("--master", mount.master, "be a read-only replica of the master at HOST:PORT");
+  mount_cmd->add_option("--ack", mount.ack, "when barriers return: async, recv or sync (default sync)");
+  mount_cmd->add_option("--ack-timeout", mount.ack_timeout, "drop a slave that does not answer for this long (default 5s)");
+  mount_cmd->add_option("--min-sync-slaves", mount.min_sync_slaves, "barriers fail with EIO unless this many sync slaves confirm");
+  mount_cmd->add_option("--journal-size", mount.journal_size, "recent records kept for re-attaching slaves (default 256M; 0 keeps none)");
+  mount_cmd->add_option("--block-size", mount.block_size, "hash block size, fixed when the volume is created (default 4096)");
+  mount_cmd->add_flag("--no-fsync", mount.no_fsync, "slave: do not fsync applied records (faster, not durable)");
+  mount_cmd->add_flag("--exit-on-disconnect", mount.exit_on_disconnect, "slave: exit non-zero when the master is lost");
 
   std::string umount_point;
   bool lazy = false;
   auto* umount_cmd = app.add_subcommand("umount", "unmount MOUNTPOINT and wait for its daemon to finish");
   umount_cmd->add_option("mountpoint", umount_point, "the mount point")->required();
   umount_cmd->add_flag("-z,--lazy", lazy, "detach now even if busy");
+
+  std::string status_point;
+  bool status_json = false;
+  auto* status_cmd = app.add_subcommand("status", "show role, LSNs, peers and lag of the daemon behind MOUNTPOINT");
+  status_cmd->add_option("mountpoint", status_point, "the mount point")->required();
+  status_cmd->add_flag("--json", status_json, "one JSON object");
 
   try {
     app.parse(argc, argv);
@@ -38,5 +53,6 @@ int main(int argc, char** argv) {
   }
   if (*mount_cmd) return run_mount(mount);
   if (*umount_cmd) return run_umount(umount_point, lazy);
+  if (*status_cmd) return run_status(status_point, status_json);
   return 2;
 }

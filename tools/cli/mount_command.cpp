@@ -18,7 +18,13 @@
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
 #include "blockrepl/node.h"
+#include "blockrepl/control.h"
+#include "blockrepl/follower.h"
+#include "blockrepl/journal.h"
+#include "blockrepl/upstream.h"
 #include "fs/filesystem.h"
+#include <nlohmann/json.hpp>
+#include <atomic>
 #include "tools/cli/daemon.h"
 #include "tools/cli/mount_checks.h"
 
@@ -72,8 +78,136 @@ void raise_fd_limit() {
 
 }  // namespace
 
+bool parse_duration(const std::string& s, std::chrono::milliseconds* out) {
+  try {
+    size_t pos = 0;
+    double v = std::stod(s, &pos);
+    std::string unit = s.substr(pos);
+    double ms;
+    if (unit.empty() || unit == "s") ms = v * 1000;
+    else if (unit == "ms") ms = v;
+    else if (unit == "m" || unit == "min") ms = v * 60000;
+    else return false;
+    if (ms < 0) return false;
+    *out = std::chrono::milliseconds(static_cast<int64_t>(ms));
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+bool parse_size(const std::string& s, uint64_t* out) {
+  try {
+    size_t pos = 0;
+    unsigned long long v = std::stoull(s, &pos);
+    std::string unit = s.substr(pos);
+    uint64_t mul = 1;
+    if (unit.empty() || unit == "B") mul = 1;
+    else if (unit == "K" || unit == "KiB" || unit == "k") mul = 1ull << 10;
+    else if (unit == "M" || unit == "MiB") mul = 1ull << 20;
+    else if (unit == "G" || unit == "GiB") mul = 1ull << 30;
+    else return false;
+    *out = v * mul;
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+namespace {
+
+// Everything a running daemon holds; destroyed in reverse order of construction.
+struct Daemon {
+  std::unique_ptr<Node> node;
+  std::unique_ptr<Journal> journal;
+  std::unique_ptr<Upstream> upstream;
+  std::unique_ptr<Follower> follower;
+  std::unique_ptr<fs::Filesystem> filesystem;
+  std::unique_ptr<ControlServer> control;
+  std::string mountpoint;
+  AckLevel ack = AckLevel::sync;
+  bool no_fsync = false;
+  std::atomic<int> exit_code{0};
+};
+
+nlohmann::json status_json(Daemon& d) {
+  using nlohmann::json;
+  const Identity id = d.node->identity();
+  json j;
+  const bool slave = d.follower != nullptr;
+  j["role"] = slave ? "slave" : "master";
+  j["node_id"] = id.node_id;
+  j["cluster_id"] = id.cluster_id;
+  json lin = json::array();
+  for (auto& e : id.lineage) lin.push_back({{"id", e.id}, {"first_lsn", e.first_lsn}});
+  j["lineage"] = lin;
+  j["block_size"] = id.block_size;
+  j["ack"] = ack_level_name(d.ack);
+  j["data"] = d.node->data_path();
+  j["mountpoint"] = d.mountpoint;
+  j["no_fsync"] = d.no_fsync;
+  j["upstream"] = nullptr;
+  j["last_attach"] = nullptr;
+  if (slave) {
+    FollowerStatus fs = d.follower->status();
+    j["lsn"] = fs.durable_lsn;
+    json up = {{"address", fs.address}, {"state", fs.state}, {"received_lsn", fs.received_lsn}, {"durable_lsn", fs.durable_lsn}};
+    if (!fs.last_error.empty() && fs.state == "disconnected") up["last_error"] = fs.last_error;
+    if (fs.state == "attaching")
+      up["attach_progress"] = {{"bytes_received", fs.current_attach.bytes_received},
+                               {"files_received", fs.current_attach.files_received},
+                               {"blocks_received", fs.current_attach.blocks_received},
+                               {"seconds", fs.current_attach.seconds}};
+    j["upstream"] = up;
+    if (fs.has_last_attach)
+      j["last_attach"] = {{"method", fs.last_attach.method}, {"bytes_received", fs.last_attach.bytes_received},
+                          {"blocks_received", fs.last_attach.blocks_received}, {"seconds", fs.last_attach.seconds}};
+  } else {
+    j["lsn"] = d.node->last_lsn();
+  }
+  json slaves = json::array();
+  if (d.upstream) {
+    for (auto& s : d.upstream->slaves())
+      slaves.push_back({{"address", s.address}, {"node_id", s.node_id}, {"state", s.state}, {"ack", s.ack},
+                        {"received_lsn", s.received_lsn}, {"durable_lsn", s.durable_lsn}, {"lag_bytes", s.lag_bytes}});
+  }
+  j["slaves"] = slaves;
+  return j;
+}
+
+}  // namespace
+
 int run_mount(const MountOptions& opts) {
   set_log_level(opts.verbose >= 2 ? LogLevel::debug : opts.verbose == 1 ? LogLevel::info : LogLevel::warn);
+  // Every option is checked before anything is written or forked.
+  AckLevel ack;
+  if (!parse_ack_level(opts.ack, &ack)) {
+    fprintf(stderr, "blockrepl: --ack must be async, recv or sync (got '%s')\n", opts.ack.c_str());
+    return 2;
+  }
+  std::chrono::milliseconds ack_timeout;
+  if (!parse_duration(opts.ack_timeout, &ack_timeout) || ack_timeout.count() == 0) {
+    fprintf(stderr, "blockrepl: --ack-timeout must be a positive duration such as 5s or 500ms (got '%s')\n", opts.ack_timeout.c_str());
+    return 2;
+  }
+  uint64_t journal_bytes;
+  if (!parse_size(opts.journal_size, &journal_bytes)) {
+    fprintf(stderr, "blockrepl: --journal-size must be a size such as 256M or 0 (got '%s')\n", opts.journal_size.c_str());
+    return 2;
+  }
+  if (opts.block_size && (opts.block_size < 512 || opts.block_size > (1u << 20) || (opts.block_size & (opts.block_size - 1)))) {
+    fprintf(stderr, "blockrepl: --block-size must be a power of two from 512 to 1048576 (got %u)\n", opts.block_size);
+    return 2;
+  }
+  const bool slave = !opts.master.empty();
+  if (!slave && (opts.no_fsync || opts.exit_on_disconnect)) {
+    fprintf(stderr, "blockrepl: --no-fsync and --exit-on-disconnect are for slaves (use them with --master)\n");
+    return 2;
+  }
+  if (slave && opts.min_sync_slaves && opts.listen.empty()) {
+    fprintf(stderr, "blockrepl: --min-sync-slaves needs --listen\n");
+    return 2;
+  }
   std::string data_abs, mnt_abs;
   if (auto err = check_mount_paths(opts.data, opts.mountpoint, &data_abs, &mnt_abs)) {
     fprintf(stderr, "blockrepl: %s\n", err->c_str());
@@ -85,31 +219,110 @@ int run_mount(const MountOptions& opts) {
   // From here on we are the daemon (or the foreground process).
   umask(0);  // modes come from the application (the kernel already applied its umask)
   raise_fd_limit();
+  signal(SIGPIPE, SIG_IGN);
   int lock_fd = -1;
-  std::unique_ptr<Node> node;
-  std::unique_ptr<fs::Filesystem> filesystem;
+  Daemon d;
+  d.mountpoint = mnt_abs;
+  d.ack = ack;
+  d.no_fsync = opts.no_fsync;
   try {
     lock_fd = lock_data_dir(data_abs);
-    node = std::make_unique<Node>(data_abs);
+    d.node = std::make_unique<Node>(data_abs);
+    const Identity id = d.node->identity();
+    if (opts.block_size && !id.cluster_id.empty() && opts.block_size != id.block_size)
+      throw Error("block size mismatch: " + data_abs + " was created with --block-size " + std::to_string(id.block_size) +
+                  ", not " + std::to_string(opts.block_size));
+    if (opts.block_size && id.cluster_id.empty() && opts.block_size != id.block_size)
+      d.node->update_identity([&](Identity& i) { i.block_size = opts.block_size; });
+    if (!slave && (id.cluster_id.empty() || id.role != "master")) {
+      // A new volume, or a former slave mounted as a master: a new history starts here.
+      d.node->update_identity([&](Identity& i) {
+        if (i.cluster_id.empty()) i.cluster_id = random_hex_id(16);
+        i.lineage.push_back({random_hex_id(8), d.node->last_lsn() + 1});
+        i.role = "master";
+      });
+    }
+    if (slave && id.role == "master")
+      throw Error(data_abs + " holds a master's volume; mounting it as a slave would discard its history (issue: re-join needs --discard-my-data)");
+    if (!opts.listen.empty() || slave) {
+      d.journal = std::make_unique<Journal>(journal_bytes, 64u << 20, ack_timeout);
+    }
     fs::MountConfig cfg;
     cfg.mountpoint = mnt_abs;
     cfg.debug = opts.fuse_debug;
-    filesystem = std::make_unique<fs::Filesystem>(*node, cfg);
-    filesystem->mount();
+    cfg.read_only = slave;
+    if (slave) {
+      d.node->store().set_track_files(true);
+      d.node->store().files().scan();
+      FollowerConfig fc;
+      fc.master_address = opts.master;
+      fc.listen_address = opts.listen;
+      fc.no_fsync = opts.no_fsync;
+      fc.exit_on_disconnect = opts.exit_on_disconnect;
+      fc.master_timeout = std::max(ack_timeout, std::chrono::milliseconds(3000));
+      d.follower = std::make_unique<Follower>(*d.node, fc);
+      if (!d.follower->has_data()) {
+        LOG_INFO("replica %s is empty: attaching to %s", data_abs.c_str(), opts.master.c_str());
+        d.follower->attach_now();
+      }
+    }
+    if (d.journal) {
+      d.journal->set_start(d.node->last_lsn());
+      d.node->add_sink(d.journal.get());
+    }
+    if (!opts.listen.empty()) {
+      UpstreamConfig uc;
+      uc.listen_address = opts.listen;
+      uc.ack = ack;
+      uc.ack_timeout = ack_timeout;
+      uc.min_sync_slaves = opts.min_sync_slaves;
+      uc.assign_ids = !slave;
+      d.upstream = std::make_unique<Upstream>(*d.node, *d.journal, uc);
+      d.upstream->start();
+      if (!slave) d.node->set_barrier_waiter([u = d.upstream.get()](Lsn lsn) { return u->wait_barrier(lsn); });
+    }
+    d.filesystem = std::make_unique<fs::Filesystem>(*d.node, cfg);
+    d.control = std::make_unique<ControlServer>(control_socket_name(d.node->identity().node_id), [&d](const std::string& req) {
+      if (req == "status") return status_json(d).dump();
+      return std::string("{\"error\":\"unknown request\"}");
+    });
+    d.filesystem->mount();
   } catch (const std::exception& e) {
     readiness.failed(e.what());
     return 1;
   }
+  if (d.follower) {
+    d.follower->set_invalidator(d.filesystem->invalidator());
+    d.follower->set_on_exit([&d](int code, const std::string& why) {
+      LOG_ERROR("%s; exiting", why.c_str());
+      d.exit_code = code;
+      d.filesystem->stop();
+      // Wake the FUSE loop: it only notices the exit flag on its next request.
+      struct stat st;
+      stat(d.mountpoint.c_str(), &st);
+    });
+    d.follower->start();
+  }
   write_pid_file(data_abs);
-  LOG_INFO("mounted %s on %s", data_abs.c_str(), mnt_abs.c_str());
+  LOG_INFO("mounted %s on %s as %s", data_abs.c_str(), mnt_abs.c_str(), d.follower ? "slave" : "master");
   readiness.ready(opts.log_file);
-  int rc = filesystem->serve();
-  filesystem.reset();
+  int rc = d.filesystem->serve();
+  if (d.follower) d.follower->stop();
+  if (d.upstream) d.upstream->stop();
+  d.control.reset();
+  d.filesystem.reset();
   LOG_INFO("unmounted %s", mnt_abs.c_str());
-  node.reset();
+  if (d.journal) {
+    d.node->remove_sink(d.journal.get());
+    d.journal->close();
+  }
+  if (!d.follower) d.node->close_clean();
+  d.upstream.reset();
+  d.follower.reset();
+  d.node.reset();
   unlink((data_abs + "/" + kMetadataDirName + "/" + kPidFile).c_str());
   if (lock_fd >= 0) close(lock_fd);
-  return rc;
+  return d.exit_code ? d.exit_code.load() : rc;
 }
 
 int run_umount(const std::string& mountpoint, bool lazy) {
@@ -157,6 +370,71 @@ int run_umount(const std::string& mountpoint, bool lazy) {
     while (kill(daemon_pid, 0) == 0 && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  return 0;
+}
+
+}  // namespace blockrepl::cli
+
+namespace blockrepl::cli {
+
+int run_status(const std::string& mountpoint, bool json) {
+  char buf[PATH_MAX];
+  if (!realpath(mountpoint.c_str(), buf)) {
+    fprintf(stderr, "blockrepl: mount point %s: %s\n", mountpoint.c_str(), strerror(errno));
+    return 1;
+  }
+  auto data = blockrepl_data_dir_of(buf);
+  if (!data) {
+    fprintf(stderr, "blockrepl: %s is not a blockrepl mount\n", buf);
+    return 1;
+  }
+  std::string resp;
+  try {
+    int meta = open((*data + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (meta < 0) throw_errno("cannot open " + *data + "/" + kMetadataDirName, errno);
+    Identity id = load_or_create_identity(meta, *data);
+    close(meta);
+    resp = control_request(control_socket_name(id.node_id), "status");
+  } catch (const std::exception& e) {
+    fprintf(stderr, "blockrepl: status of %s: %s\n", buf, e.what());
+    return 1;
+  }
+  nlohmann::json j = nlohmann::json::parse(resp, nullptr, false);
+  if (j.is_discarded() || j.contains("error")) {
+    fprintf(stderr, "blockrepl: status of %s: bad answer from the daemon\n", buf);
+    return 1;
+  }
+  if (json) {
+    printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  auto lin = j["lineage"].empty() ? std::string("-") : j["lineage"].back()["id"].get<std::string>();
+  printf("%-12s %s\n", "role", j["role"].get<std::string>().c_str());
+  printf("%-12s %s\n", "node", j["node_id"].get<std::string>().c_str());
+  printf("%-12s %s\n", "cluster", j["cluster_id"].get<std::string>().c_str());
+  printf("%-12s %s\n", "lineage", lin.c_str());
+  printf("%-12s %llu\n", "lsn", static_cast<unsigned long long>(j["lsn"].get<uint64_t>()));
+  printf("%-12s %s%s\n", "ack", j["ack"].get<std::string>().c_str(), j["no_fsync"].get<bool>() ? " (no-fsync)" : "");
+  printf("%-12s %u\n", "block size", j["block_size"].get<unsigned>());
+  if (!j["upstream"].is_null()) {
+    auto& u = j["upstream"];
+    printf("%-12s %s %s received %llu durable %llu\n", "upstream", u["address"].get<std::string>().c_str(),
+           u["state"].get<std::string>().c_str(), static_cast<unsigned long long>(u["received_lsn"].get<uint64_t>()),
+           static_cast<unsigned long long>(u["durable_lsn"].get<uint64_t>()));
+  }
+  if (!j["last_attach"].is_null()) {
+    auto& a = j["last_attach"];
+    printf("%-12s %s, %llu bytes, %llu blocks, %.2f s\n", "last attach", a["method"].get<std::string>().c_str(),
+           static_cast<unsigned long long>(a["bytes_received"].get<uint64_t>()),
+           static_cast<unsigned long long>(a["blocks_received"].get<uint64_t>()), a["seconds"].get<double>());
+  }
+  for (auto& s : j["slaves"])
+    printf("%-12s %s %s (%s) received %llu durable %llu lag %llu bytes\n", "slave", s["address"].get<std::string>().c_str(),
+           s["state"].get<std::string>().c_str(), s["ack"].get<std::string>().c_str(),
+           static_cast<unsigned long long>(s["received_lsn"].get<uint64_t>()),
+           static_cast<unsigned long long>(s["durable_lsn"].get<uint64_t>()),
+           static_cast<unsigned long long>(s["lag_bytes"].get<uint64_t>()));
+  if (j["slaves"].empty() && j["role"] == "master") printf("%-12s none\n", "slaves");
   return 0;
 }
 

@@ -1,5 +1,7 @@
-// `blockrepl mount` and `blockrepl umount`.
+// `blockrepl mount`, `blockrepl umount` and `blockrepl status`.
 #pragma once
+#include <chrono>
+#include <cstdint>
 #include <string>
 
 namespace blockrepl::cli {
@@ -11,9 +13,25 @@ struct MountOptions {
   int verbose = 0;
   bool fuse_debug = false;
   std::string log_file;
+  // Replication.
+  std::string listen;       // serve slaves here
+  std::string master;       // be a slave of this master
+  std::string ack = "sync";
+  std::string ack_timeout = "5s";
+  unsigned min_sync_slaves = 0;
+  std::string journal_size = "256M";
+  bool no_fsync = false;
+  bool exit_on_disconnect = false;
+  uint32_t block_size = 0;  // 0: the volume's (4096 for a new one)
 };
 
 int run_mount(const MountOptions& opts);
 int run_umount(const std::string& mountpoint, bool lazy);
+int run_status(const std::string& mountpoint, bool json);
+
+// "5s", "500ms", "2.5" (seconds) -> milliseconds; false on a bad value.
+bool parse_duration(const std::string& s, std::chrono::milliseconds* out);
+// "256M", "1G", "4096", "0" -> bytes; false on a bad value.
+bool parse_size(const std::string& s, uint64_t* out);
 
 }  // namespace blockrepl::cli

@@ -1,0 +1,396 @@
+#include "blockrepl/copy.h"
+
+#include <cerrno>
+#include <cstring>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include "blockrepl/error.h"
+#include "blockrepl/file_id.h"
+#include "blockrepl/log.h"
+#include "blockrepl/metadata.h"
+
+namespace blockrepl {
+
+namespace {
+
+constexpr size_t kChunkBytes = 1u << 20;
+
+kj::ArrayPtr<const kj::byte> bytes_of(const std::string& s) {
+  return kj::arrayPtr(reinterpret_cast<const kj::byte*>(s.data()), s.size());
+}
+
+std::vector<std::pair<std::string, std::string>> list_xattrs(const std::string& p) {
+  std::vector<std::pair<std::string, std::string>> out;
+  ssize_t n = llistxattr(p.c_str(), nullptr, 0);
+  if (n <= 0) return out;
+  std::vector<char> names(static_cast<size_t>(n));
+  n = llistxattr(p.c_str(), names.data(), names.size());
+  for (ssize_t i = 0; i < n;) {
+    std::string name(names.data() + i);
+    i += static_cast<ssize_t>(name.size()) + 1;
+    if (name.rfind(kReservedXattrPrefix, 0) == 0) continue;
+    ssize_t vn = lgetxattr(p.c_str(), name.c_str(), nullptr, 0);
+    if (vn < 0) continue;
+    std::string v(static_cast<size_t>(vn), '\0');
+    vn = lgetxattr(p.c_str(), name.c_str(), v.data(), v.size());
+    if (vn < 0) continue;
+    v.resize(static_cast<size_t>(vn));
+    out.emplace_back(name, v);
+  }
+  return out;
+}
+
+class TreeSender {
+ public:
+  TreeSender(Connection& conn, bool assign_ids) : conn_(conn), assign_ids_(assign_ids) {}
+
+  void walk(int dirfd, const std::string& rel) {
+    int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return;  // removed while we walk: the records will tell
+    DIR* d = fdopendir(fd);
+    if (!d) {
+      close(fd);
+      return;
+    }
+    std::vector<std::string> names;
+    while (dirent* de = readdir(d)) {
+      if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+      if (rel.empty() && !strcmp(de->d_name, kMetadataDirName)) continue;
+      names.emplace_back(de->d_name);
+    }
+    for (const std::string& name : names) send_entry(dirfd, rel, name);
+    closedir(d);
+  }
+
+  CopyStats stats;
+
+ private:
+  void send_entry(int dirfd, const std::string& rel, const std::string& name) {
+    const std::string path = rel.empty() ? name : rel + "/" + name;
+    struct stat st;
+    if (fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return;  // gone meanwhile
+    auto fid = read_file_id(dirfd, name.c_str());
+    if (!fid) {
+      if (!assign_ids_) return;
+      FileId nf = new_file_id();
+      if (write_file_id(dirfd, name.c_str(), nf) != 0) return;
+      fid = nf;
+    }
+    capnp::MallocMessageBuilder mb;
+    auto e = mb.initRoot<wire::Message>().initCopyEntry();
+    e.setPath(bytes_of(path));
+    e.setFid(*fid);
+    e.setMode(st.st_mode);
+    e.setUid(st.st_uid);
+    e.setGid(st.st_gid);
+    e.setSize(static_cast<uint64_t>(st.st_size));
+    e.setRdev(st.st_rdev);
+    e.setAtimeSec(st.st_atim.tv_sec);
+    e.setAtimeNsec(st.st_atim.tv_nsec);
+    e.setMtimeSec(st.st_mtim.tv_sec);
+    e.setMtimeNsec(st.st_mtim.tv_nsec);
+    const std::string proc = fd_path(dirfd, name.c_str());
+    auto xattrs = list_xattrs(proc);
+    auto xl = e.initXattrs(static_cast<unsigned>(xattrs.size()));
+    for (size_t i = 0; i < xattrs.size(); i++) {
+      xl[static_cast<unsigned>(i)].setName(xattrs[i].first);
+      xl[static_cast<unsigned>(i)].setValue(bytes_of(xattrs[i].second));
+    }
+    stats.files++;
+    if (S_ISLNK(st.st_mode)) {
+      char buf[4096];
+      ssize_t n = readlinkat(dirfd, name.c_str(), buf, sizeof buf);
+      if (n < 0) return;
+      e.setLinkTarget(kj::arrayPtr(reinterpret_cast<const kj::byte*>(buf), static_cast<size_t>(n)));
+      conn_.send(mb);
+      return;
+    }
+    if (S_ISREG(st.st_mode) && st.st_nlink > 1) {
+      auto key = std::make_pair(st.st_dev, st.st_ino);
+      auto it = links_.find(key);
+      if (it != links_.end()) {
+        e.setHardLinkOf(bytes_of(it->second));
+        conn_.send(mb);
+        return;
+      }
+      links_.emplace(key, path);
+    }
+    if (S_ISDIR(st.st_mode)) {
+      conn_.send(mb);
+      int sub = openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      if (sub >= 0) {
+        walk(sub, path);
+        close(sub);
+      }
+      return;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_size == 0) {
+      conn_.send(mb);
+      return;
+    }
+    int fd = openat(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+      conn_.send(mb);  // at least the entry; its data follows in records
+      return;
+    }
+    send_data(fd, mb, e, static_cast<uint64_t>(st.st_size));
+    close(fd);
+  }
+
+  // Sends the file's data regions (holes stay holes), the first chunk in the entry itself.
+  void send_data(int fd, capnp::MallocMessageBuilder& first, wire::CopyEntry::Builder e, uint64_t size) {
+    std::vector<std::pair<off_t, size_t>> chunks;
+    for (off_t pos = 0; static_cast<uint64_t>(pos) < size;) {
+      off_t data = lseek(fd, pos, SEEK_DATA);
+      if (data < 0) break;  // ENXIO: only a hole is left
+      off_t hole = lseek(fd, data, SEEK_HOLE);
+      if (hole < 0 || static_cast<uint64_t>(hole) > size) hole = static_cast<off_t>(size);
+      for (off_t off = data; off < hole; off += static_cast<off_t>(kChunkBytes))
+        chunks.emplace_back(off, static_cast<size_t>(std::min<off_t>(static_cast<off_t>(kChunkBytes), hole - off)));
+      pos = hole;
+    }
+    if (chunks.empty()) {
+      conn_.send(first);
+      return;
+    }
+    std::string buf(kChunkBytes, '\0');
+    const auto path = e.getPath();
+    for (size_t i = 0; i < chunks.size(); i++) {
+      ssize_t n = pread(fd, buf.data(), chunks[i].second, chunks[i].first);
+      if (n < 0) n = 0;  // shrunk meanwhile: the records will fix it
+      auto data = kj::arrayPtr(reinterpret_cast<const kj::byte*>(buf.data()), static_cast<size_t>(n));
+      const bool more = i + 1 < chunks.size();
+      stats.bytes += static_cast<uint64_t>(n);
+      if (i == 0) {
+        e.setChunkOffset(static_cast<uint64_t>(chunks[i].first));
+        e.setChunk(data);
+        e.setMore(more);
+        conn_.send(first);
+        continue;
+      }
+      capnp::MallocMessageBuilder mb;
+      auto c = mb.initRoot<wire::Message>().initCopyEntry();
+      c.setPath(path);
+      c.setFid(e.getFid());
+      c.setMode(e.getMode());
+      c.setSize(size);
+      c.setChunkOffset(static_cast<uint64_t>(chunks[i].first));
+      c.setChunk(data);
+      c.setMore(more);
+      conn_.send(mb);
+    }
+  }
+
+  Connection& conn_;
+  bool assign_ids_;
+  std::map<std::pair<dev_t, ino_t>, std::string> links_;
+};
+
+std::string text_of(capnp::Data::Reader d) { return std::string(reinterpret_cast<const char*>(d.begin()), d.size()); }
+
+bool valid_component(const std::string& c) {
+  return !c.empty() && c != "." && c != ".." && c.size() <= 255 && c.find('\0') == std::string::npos;
+}
+
+}  // namespace
+
+CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids) {
+  TreeSender sender(conn, assign_ids);
+  sender.walk(root_fd, "");
+  return sender.stats;
+}
+
+CopyReceiver::CopyReceiver(int root_fd) : root_fd_(root_fd) {}
+
+CopyReceiver::~CopyReceiver() {
+  if (file_fd_ >= 0) close(file_fd_);
+}
+
+// Opens the directory that holds `path`, component by component without following symlinks,
+// so that no path from a peer can lead outside the backing directory.
+int CopyReceiver::open_parent(const std::string& path, std::string* leaf) {
+  if (path.empty() || path.front() == '/' || path.size() > 4096) throw Error("copy: bad path '" + path + "' from peer", EPROTO);
+  std::vector<std::string> parts;
+  size_t start = 0;
+  while (start <= path.size()) {
+    size_t slash = path.find('/', start);
+    if (slash == std::string::npos) slash = path.size();
+    std::string c = path.substr(start, slash - start);
+    if (!valid_component(c)) throw Error("copy: bad path '" + path + "' from peer", EPROTO);
+    parts.push_back(c);
+    start = slash + 1;
+  }
+  if (parts.front() == kMetadataDirName) throw Error("copy: peer tried to write into the metadata folder", EPROTO);
+  int fd = openat(root_fd_, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  for (size_t i = 0; i + 1 < parts.size(); i++) {
+    int next = openat(fd, parts[i].c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    int e = errno;
+    close(fd);
+    if (next < 0) throw_errno("copy: cannot open directory of " + path, e);
+    fd = next;
+  }
+  *leaf = parts.back();
+  return fd;
+}
+
+void CopyReceiver::finish_file() {
+  if (file_fd_ < 0) return;
+  if (ftruncate(file_fd_, static_cast<off_t>(file_size_)) != 0) LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(errno));
+  futimens(file_fd_, file_times_);
+  close(file_fd_);
+  file_fd_ = -1;
+  file_path_.clear();
+}
+
+void CopyReceiver::apply(wire::CopyEntry::Reader e) {
+  const std::string path = text_of(e.getPath());
+  auto chunk = e.getChunk();
+  // A further chunk of the file being received.
+  if (file_fd_ >= 0 && path == file_path_) {
+    if (chunk.size() && pwrite(file_fd_, chunk.begin(), chunk.size(), static_cast<off_t>(e.getChunkOffset())) !=
+                            static_cast<ssize_t>(chunk.size()))
+      throw_errno("copy: cannot write " + path, errno);
+    stats_.bytes += chunk.size();
+    if (!e.getMore()) finish_file();
+    return;
+  }
+  finish_file();
+  std::string leaf;
+  int dfd = open_parent(path, &leaf);
+  struct Closer {
+    int fd;
+    ~Closer() { close(fd); }
+  } closer{dfd};
+  const char* name = leaf.c_str();
+  const mode_t mode = e.getMode();
+  timespec times[2] = {{static_cast<time_t>(e.getAtimeSec()), static_cast<long>(e.getAtimeNsec())},
+                       {static_cast<time_t>(e.getMtimeSec()), static_cast<long>(e.getMtimeNsec())}};
+  stats_.files++;
+  if (e.getHardLinkOf().size() > 0) {
+    std::string other_leaf;
+    int ofd = open_parent(text_of(e.getHardLinkOf()), &other_leaf);
+    int rc = linkat(ofd, other_leaf.c_str(), dfd, name, 0);
+    int err = errno;
+    close(ofd);
+    if (rc != 0 && err != EEXIST) throw_errno("copy: cannot link " + path, err);
+    return;
+  }
+  int rc = 0;
+  if (S_ISDIR(mode)) {
+    rc = mkdirat(dfd, name, 0700);
+    if (rc != 0 && errno == EEXIST) rc = 0;
+  } else if (S_ISLNK(mode)) {
+    std::string target = text_of(e.getLinkTarget());
+    if (target.empty()) throw Error("copy: symlink " + path + " without a target", EPROTO);
+    rc = symlinkat(target.c_str(), dfd, name);
+  } else if (S_ISREG(mode)) {
+    int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) throw_errno("copy: cannot create " + path, errno);
+    file_fd_ = fd;
+    file_path_ = path;
+    file_size_ = e.getSize();
+    file_times_[0] = times[0];
+    file_times_[1] = times[1];
+  } else if (S_ISFIFO(mode) || S_ISCHR(mode) || S_ISBLK(mode) || S_ISSOCK(mode)) {
+    rc = mknodat(dfd, name, mode, static_cast<dev_t>(e.getRdev()));
+  } else {
+    throw Error("copy: entry " + path + " has an unknown type", EPROTO);
+  }
+  if (rc != 0) throw_errno("copy: cannot create " + path, errno);
+  if (write_file_id(dfd, name, e.getFid()) != 0) throw_errno("copy: cannot set the file id of " + path, errno);
+  if (fchownat(dfd, name, e.getUid(), e.getGid(), AT_SYMLINK_NOFOLLOW) != 0) throw_errno("copy: cannot chown " + path, errno);
+  if (!S_ISLNK(mode) && fchmodat(dfd, name, mode & 07777, 0) != 0) throw_errno("copy: cannot chmod " + path, errno);
+  const std::string proc = fd_path(dfd, name);
+  for (auto x : e.getXattrs()) {
+    std::string xn = x.getName();
+    if (xn.rfind(kReservedXattrPrefix, 0) == 0) continue;
+    auto v = x.getValue();
+    if (lsetxattr(proc.c_str(), xn.c_str(), v.begin(), v.size(), 0) != 0)
+      LOG_WARN("copy: cannot set xattr %s on %s: %s", xn.c_str(), path.c_str(), strerror(errno));
+  }
+  if (S_ISDIR(mode)) {
+    dir_times_.push_back({path, {times[0], times[1]}});
+  } else if (file_fd_ >= 0) {
+    if (chunk.size() && pwrite(file_fd_, chunk.begin(), chunk.size(), static_cast<off_t>(e.getChunkOffset())) !=
+                            static_cast<ssize_t>(chunk.size()))
+      throw_errno("copy: cannot write " + path, errno);
+    stats_.bytes += chunk.size();
+    if (!e.getMore()) finish_file();
+  } else {
+    utimensat(dfd, name, times, AT_SYMLINK_NOFOLLOW);
+  }
+}
+
+void CopyReceiver::finish() {
+  finish_file();
+  // Deepest first, so setting a child's times does not disturb its parent's afterwards.
+  for (auto it = dir_times_.rbegin(); it != dir_times_.rend(); ++it) {
+    std::string leaf;
+    try {
+      int dfd = open_parent(it->path, &leaf);
+      utimensat(dfd, leaf.c_str(), it->times, AT_SYMLINK_NOFOLLOW);
+      close(dfd);
+    } catch (const Error&) {
+    }
+  }
+}
+
+namespace {
+void remove_tree_at(int dirfd, const char* name) {
+  int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd >= 0) {
+    DIR* d = fdopendir(fd);
+    if (d) {
+      std::vector<std::pair<std::string, bool>> entries;
+      while (dirent* de = readdir(d)) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        entries.emplace_back(de->d_name, de->d_type == DT_DIR);
+      }
+      for (auto& [n, is_dir] : entries) {
+        if (is_dir) remove_tree_at(fd, n.c_str());
+        else unlinkat(fd, n.c_str(), 0);
+      }
+      closedir(d);
+    } else {
+      close(fd);
+    }
+  }
+  unlinkat(dirfd, name, AT_REMOVEDIR);
+}
+}  // namespace
+
+void wipe_data_dir(int root_fd) {
+  int fd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw_errno("cannot open the data directory", errno);
+  DIR* d = fdopendir(fd);
+  std::vector<std::pair<std::string, bool>> entries;
+  while (dirent* de = readdir(d)) {
+    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || !strcmp(de->d_name, kMetadataDirName)) continue;
+    entries.emplace_back(de->d_name, de->d_type == DT_DIR);
+  }
+  for (auto& [n, is_dir] : entries) {
+    if (is_dir) remove_tree_at(fd, n.c_str());
+    else unlinkat(fd, n.c_str(), 0);
+  }
+  closedir(d);
+}
+
+bool data_dir_is_empty(int root_fd) {
+  int fd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return false;
+  DIR* d = fdopendir(fd);
+  bool empty = true;
+  while (dirent* de = readdir(d)) {
+    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || !strcmp(de->d_name, kMetadataDirName)) continue;
+    empty = false;
+    break;
+  }
+  closedir(d);
+  return empty;
+}
+
+}  // namespace blockrepl

@@ -1,0 +1,61 @@
+// Full copy of a volume for an empty slave, taken while the master keeps writing. The copy is
+// fuzzy: each file is read as it is at that moment. The slave then replays every record from
+// the LSN at which the copy began (tolerantly up to the LSN at which it ended), which makes the
+// result exact, as a base backup plus WAL replay does.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <sys/types.h>
+#include <vector>
+
+#include "blockrepl/wire.h"
+
+namespace blockrepl {
+
+struct CopyStats {
+  uint64_t files = 0;
+  uint64_t bytes = 0;
+};
+
+// Walks the backing directory `root_fd` (skipping the metadata folder) and sends one CopyEntry
+// per file or directory, data in chunks. Files without a file id get one when `assign_ids`.
+// Throws Error on a send failure.
+CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids);
+
+// Applies CopyEntry messages to an empty backing directory. Every path a peer sends is checked:
+// relative, no "..", never into the metadata folder.
+class CopyReceiver {
+ public:
+  explicit CopyReceiver(int root_fd);
+  ~CopyReceiver();
+  // Throws Error on a malformed entry or a local failure (naming the path).
+  void apply(wire::CopyEntry::Reader entry);
+  // Sets directory times (their contents changed them while copying) and closes files.
+  void finish();
+  const CopyStats& stats() const { return stats_; }
+
+ private:
+  int open_parent(const std::string& path, std::string* leaf);
+  void finish_file();
+  int root_fd_;
+  CopyStats stats_;
+  // The regular file being received in chunks.
+  int file_fd_ = -1;
+  std::string file_path_;
+  uint64_t file_size_ = 0;
+  timespec file_times_[2]{};
+  struct DirTimes {
+    std::string path;
+    timespec times[2];
+  };
+  std::vector<DirTimes> dir_times_;
+};
+
+// Removes everything in the backing directory except the metadata folder.
+void wipe_data_dir(int root_fd);
+// Whether the backing directory holds nothing but the metadata folder.
+bool data_dir_is_empty(int root_fd);
+
+}  // namespace blockrepl

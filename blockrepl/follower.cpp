@@ -1,0 +1,367 @@
+#include "blockrepl/follower.h"
+
+#include <cerrno>
+#include <cinttypes>
+#include <cstring>
+#include <unistd.h>
+
+#include "blockrepl/copy.h"
+#include "blockrepl/error.h"
+#include "blockrepl/log.h"
+
+namespace blockrepl {
+
+namespace {
+
+bool changes_namespace(Op op) {
+  switch (op) {
+    case Op::create: case Op::mkdir: case Op::symlink: case Op::link: case Op::unlink: case Op::rmdir: case Op::rename:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+Follower::Follower(Node& node, FollowerConfig cfg)
+    : node_(node), cfg_(std::move(cfg)), state_(node.meta_fd(), node.data_path() + "/.blockrepl") {
+  status_.address = cfg_.master_address;
+  status_.state = "disconnected";
+  status_.durable_lsn = status_.received_lsn = state_.durable();
+  if (state_.attach_complete()) node_.set_last_lsn(state_.applied());
+}
+
+Follower::~Follower() { stop(); }
+
+bool Follower::has_data() const { return state_.attach_complete() && !node_.identity().cluster_id.empty(); }
+
+void Follower::attach_now() {
+  auto conn = connect_to(cfg_.master_address, 5000);
+  handshake(*conn);
+  first_conn_ = std::move(conn);  // streaming continues on it in start()
+}
+
+void Follower::start() {
+  thread_ = std::thread([this] { run(); });
+}
+
+void Follower::stop() {
+  stopping_ = true;
+  {
+    std::lock_guard lk(conn_mu_);
+    if (conn_) conn_->shutdown();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+FollowerStatus Follower::status() {
+  std::lock_guard lk(status_mu_);
+  FollowerStatus s = status_;
+  if (s.state == "attaching")
+    s.current_attach.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - attach_started_).count();
+  return s;
+}
+
+void Follower::run() {
+  auto backoff = std::chrono::milliseconds(200);
+  while (!stopping_) {
+    try {
+      session(false);
+      backoff = std::chrono::milliseconds(200);
+    } catch (const FatalAttachError& e) {
+      LOG_ERROR("master %s refused this replica: %s", cfg_.master_address.c_str(), e.what());
+      {
+        std::lock_guard lk(status_mu_);
+        status_.last_error = e.what();
+      }
+      if (on_exit_) on_exit_(1, e.what());
+      return;
+    } catch (const std::exception& e) {
+      if (stopping_) break;
+      LOG_WARN("master %s: %s", cfg_.master_address.c_str(), e.what());
+      std::lock_guard lk(status_mu_);
+      status_.last_error = e.what();
+    }
+    {
+      std::lock_guard lk(status_mu_);
+      status_.state = "disconnected";
+    }
+    if (stopping_) break;
+    if (cfg_.exit_on_disconnect) {
+      if (on_exit_) on_exit_(1, "lost the connection to master " + cfg_.master_address);
+      return;
+    }
+    for (auto slept = std::chrono::milliseconds(0); slept < backoff && !stopping_; slept += std::chrono::milliseconds(50))
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(5000));
+  }
+}
+
+void Follower::session(bool /*unused*/) {
+  std::unique_ptr<Connection> conn = std::move(first_conn_);
+  const bool fresh = !conn;
+  if (fresh) conn = connect_to(cfg_.master_address, 5000);
+  {
+    std::lock_guard lk(conn_mu_);
+    conn_ = conn.get();
+  }
+  struct Clear {
+    Follower* f;
+    ~Clear() {
+      std::lock_guard lk(f->conn_mu_);
+      f->conn_ = nullptr;
+    }
+  } clear{this};
+  if (stopping_) return;
+  if (fresh) handshake(*conn);
+  stream(*conn);
+}
+
+void Follower::handshake(Connection& conn) {
+  const Identity me = node_.identity();
+  const bool empty = !state_.attach_complete();
+  {
+    capnp::MallocMessageBuilder mb;
+    auto h = mb.initRoot<wire::Message>().initHello();
+    h.setProtocolVersion(kProtocolVersion);
+    h.setClusterId(me.cluster_id);
+    h.setNodeId(me.node_id);
+    h.setBlockSize(me.block_size);
+    h.setHashAlgorithm(kHashAlgorithm);
+    auto lin = h.initLineage(static_cast<unsigned>(me.lineage.size()));
+    for (unsigned i = 0; i < me.lineage.size(); i++) {
+      lin[i].setId(me.lineage[i].id);
+      lin[i].setFirstLsn(me.lineage[i].first_lsn);
+    }
+    h.setDurableLsn(empty ? 0 : state_.durable());
+    h.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(cfg_.ack)));
+    h.setEmpty(empty);
+    h.setListenAddress(cfg_.listen_address);
+    conn.send(mb);
+  }
+  auto frame = conn.receive(30000);
+  if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the handshake");
+  auto msg = frame->root();
+  if (msg.which() == wire::Message::ERROR) {
+    auto err = msg.getError();
+    std::string reason = std::string("master ") + cfg_.master_address + " refused: " + err.getReason().cStr();
+    if (err.getFatal()) throw FatalAttachError(reason);
+    throw Error(reason);
+  }
+  if (msg.which() != wire::Message::WELCOME)
+    throw Error("peer " + cfg_.master_address + " does not speak the blockrepl protocol", EPROTO);
+  auto w = msg.getWelcome();
+  if (w.getProtocolVersion() != kProtocolVersion)
+    throw FatalAttachError("master " + cfg_.master_address + " speaks protocol version " +
+                           std::to_string(w.getProtocolVersion()) + ", this node speaks " + std::to_string(kProtocolVersion));
+  if (w.getBlockSize() != me.block_size)
+    throw FatalAttachError("block size mismatch: master uses " + std::to_string(w.getBlockSize()) + ", this replica " +
+                           std::to_string(me.block_size));
+  const std::string cluster = w.getClusterId();
+  if (!me.cluster_id.empty() && cluster != me.cluster_id && !empty)
+    throw FatalAttachError("cluster id mismatch: master belongs to cluster " + cluster + ", this replica to " + me.cluster_id);
+  std::vector<LineageEntry> lineage;
+  for (auto e : w.getLineage()) lineage.push_back({e.getId(), e.getFirstLsn()});
+
+  attach_started_ = std::chrono::steady_clock::now();
+  {
+    std::lock_guard lk(status_mu_);
+    status_.state = "attaching";
+    status_.current_attach = AttachReport{};
+  }
+  const Lsn start = w.getStartLsn();
+  const uint64_t bytes_before = conn.bytes_received();
+  if (w.getMethod() == wire::AttachMethod::FULL) {
+    method_ = "full";
+    if (!data_dir_is_empty(node_.root_fd())) {
+      LOG_WARN("replica %s must be copied again in full; discarding its contents", node_.data_path().c_str());
+      wipe_data_dir(node_.root_fd());
+    }
+    state_.set_attach_complete(false, 0);
+    node_.update_identity([&](Identity& id) {
+      id.cluster_id = cluster;
+      id.lineage = lineage;
+      id.role = "slave";
+    });
+    receive_copy(conn);
+    last_lsn_ = start;
+    node_.set_last_lsn(start);
+  } else if (w.getMethod() == wire::AttachMethod::STREAM) {
+    method_ = "stream";
+    if (start != state_.durable())
+      throw Error("master " + cfg_.master_address + " offered to stream from lsn " + std::to_string(start) +
+                      " but this replica is durable at " + std::to_string(state_.durable()),
+                  EPROTO);
+    node_.update_identity([&](Identity& id) {
+      id.lineage = lineage;
+      id.role = "slave";
+    });
+    // Records after the durable point may already be applied (the daemon died, the machine did not).
+    replay_until_ = state_.applied();
+    complete_at_ = 0;
+    last_lsn_ = start;
+    node_.set_last_lsn(start);
+  } else {
+    throw Error("master " + cfg_.master_address + " chose an attach method this node does not support", EPROTO);
+  }
+  AttachReport report;
+  report.method = method_;
+  report.bytes_received = conn.bytes_received() - bytes_before;
+  {
+    std::lock_guard lk(status_mu_);
+    report.files_received = status_.current_attach.files_received;
+    report.blocks_received = status_.current_attach.blocks_received;
+    report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - attach_started_).count();
+    status_.last_attach = report;
+    status_.has_last_attach = true;
+    status_.received_lsn = last_lsn_;
+  }
+  LOG_INFO("attached to %s by %s (%" PRIu64 " bytes, %.2f s), streaming from lsn %" PRIu64, cfg_.master_address.c_str(),
+           method_.c_str(), report.bytes_received, report.seconds, start);
+  if (method_ == "full") {
+    // The copy becomes consistent once the records up to copy-done are replayed and durable:
+    // stream until then before the mount is offered.
+    if (last_lsn_ >= complete_at_) make_durable(last_lsn_);
+    while (!state_.attach_complete()) {
+      auto frame = conn.receive(static_cast<int>(cfg_.master_timeout.count()));
+      if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");
+      auto m = frame->root();
+      if (m.which() == wire::Message::BATCH) {
+        apply_batch(conn, m.getBatch());
+      } else if (m.which() == wire::Message::HEARTBEAT) {
+        send_ack(conn);
+      } else if (m.which() == wire::Message::ERROR) {
+        throw Error(std::string("master ") + cfg_.master_address + ": " + m.getError().getReason().cStr());
+      } else {
+        throw Error("unexpected message from master " + cfg_.master_address, EPROTO);
+      }
+    }
+  }
+  std::lock_guard lk(status_mu_);
+  status_.state = "streaming";
+}
+
+void Follower::receive_copy(Connection& conn) {
+  CopyReceiver rx(node_.root_fd());
+  for (;;) {
+    auto frame = conn.receive(static_cast<int>(std::max<int64_t>(cfg_.master_timeout.count(), 30000)));
+    if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the full copy");
+    auto msg = frame->root();
+    if (msg.which() == wire::Message::COPY_ENTRY) {
+      rx.apply(msg.getCopyEntry());
+      std::lock_guard lk(status_mu_);
+      status_.current_attach.files_received = rx.stats().files;
+      status_.current_attach.bytes_received = conn.bytes_received();
+      status_.current_attach.blocks_received = rx.stats().bytes / node_.identity().block_size;
+      continue;
+    }
+    if (msg.which() == wire::Message::COPY_DONE) {
+      rx.finish();
+      replay_until_ = msg.getCopyDone().getLsn();
+      complete_at_ = replay_until_;
+      // Everything copied must be durable before the replica may call itself consistent.
+      if (!cfg_.no_fsync) {
+        if (int err = node_.store().sync_all()) throw_errno("cannot sync " + node_.data_path(), err);
+      }
+      node_.store().files().scan();
+      std::lock_guard lk(status_mu_);
+      status_.current_attach.blocks_received = rx.stats().bytes / node_.identity().block_size;
+      return;
+    }
+    if (msg.which() == wire::Message::ERROR)
+      throw Error(std::string("master ") + cfg_.master_address + ": " + msg.getError().getReason().cStr());
+    throw Error("unexpected message from master " + cfg_.master_address + " during the full copy", EPROTO);
+  }
+}
+
+void Follower::stream(Connection& conn) {
+  while (!stopping_) {
+    auto frame = conn.receive(static_cast<int>(cfg_.master_timeout.count()));
+    if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");
+    auto msg = frame->root();
+    switch (msg.which()) {
+      case wire::Message::BATCH:
+        apply_batch(conn, msg.getBatch());
+        break;
+      case wire::Message::HEARTBEAT:
+        send_ack(conn);
+        break;
+      case wire::Message::ERROR:
+        throw Error(std::string("master ") + cfg_.master_address + ": " + msg.getError().getReason().cStr());
+      default:
+        throw Error("unexpected message from master " + cfg_.master_address, EPROTO);
+    }
+  }
+}
+
+void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch) {
+  for (auto wr : batch.getRecords()) {
+    Record rec = from_wire(wr);
+    if (rec.lsn <= last_lsn_)
+      throw Error("master " + cfg_.master_address + " sent lsn " + std::to_string(rec.lsn) + " after " + std::to_string(last_lsn_), EPROTO);
+    if (rec.is_barrier()) {
+      make_durable(rec.lsn);
+      node_.apply_received(rec, false);  // publishes it to our own slaves
+    } else {
+      const bool replay = rec.lsn <= replay_until_;
+      if (int err = node_.apply_received(rec, replay)) {
+        throw Error("cannot apply " + rec.describe() + " to " + node_.data_path() + ": " + strerror(err), err);
+      }
+      if (changes_namespace(rec.op)) dirty_namespace_ = true;
+      else if (rec.fid != kInvalidFileId) dirty_files_.insert(rec.fid);
+      if (invalidator_) invalidator_->invalidate(rec);
+    }
+    last_lsn_ = rec.lsn;
+  }
+  // A full copy is consistent once the records up to copy-done are applied: make it durable
+  // right away rather than waiting for the application's next barrier.
+  if (!state_.attach_complete() && last_lsn_ >= complete_at_) make_durable(last_lsn_);
+  state_.set_applied(last_lsn_);
+  {
+    std::lock_guard lk(status_mu_);
+    status_.received_lsn = last_lsn_;
+  }
+  send_ack(conn);
+}
+
+void Follower::make_durable(Lsn lsn) {
+  if (!cfg_.no_fsync) {
+    if (dirty_namespace_) {
+      // Names changed: sync the whole backing file system once rather than each directory.
+      if (int err = node_.store().sync_all()) throw_errno("cannot sync " + node_.data_path(), err);
+    } else {
+      for (FileId fid : dirty_files_) {
+        int fd = node_.store().files().rw_fd(fid);
+        if (fd >= 0 && fdatasync(fd) != 0) throw_errno("cannot sync a file of " + node_.data_path(), errno);
+      }
+    }
+  }
+  dirty_files_.clear();
+  dirty_namespace_ = false;
+  if (!state_.attach_complete()) {
+    if (lsn >= complete_at_) {
+      state_.set_attach_complete(true, lsn);
+      LOG_INFO("replica %s is consistent at lsn %" PRIu64, node_.data_path().c_str(), lsn);
+    }
+  } else {
+    state_.set_durable(lsn);
+  }
+  std::lock_guard lk(status_mu_);
+  status_.durable_lsn = lsn;
+}
+
+void Follower::send_ack(Connection& conn) {
+  capnp::MallocMessageBuilder mb;
+  auto ack = mb.initRoot<wire::Message>().initAck();
+  ack.setReceivedLsn(last_lsn_);
+  Lsn durable;
+  {
+    std::lock_guard lk(status_mu_);
+    durable = status_.durable_lsn;
+  }
+  ack.setDurableLsn(cfg_.no_fsync ? last_lsn_ : std::min(durable, last_lsn_));
+  conn.send(mb);
+}
+
+}  // namespace blockrepl

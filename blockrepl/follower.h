@@ -1,0 +1,114 @@
+// The downstream side of replication (a slave): connects to its master, attaches (full copy or
+// stream), applies records in LSN order with the same Store the master uses, makes them durable
+// at barriers, acknowledges, and reconnects with back-off when the master goes away.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_set>
+
+#include "blockrepl/error.h"
+#include "blockrepl/node.h"
+#include "blockrepl/replica_state.h"
+#include "blockrepl/upstream.h"
+
+namespace blockrepl {
+
+// Told about every applied record so that readers of the slave's mount see the change
+// (the FUSE layer drops the kernel's cached pages, attributes and names).
+class CacheInvalidator {
+ public:
+  virtual ~CacheInvalidator() = default;
+  virtual void invalidate(const Record& rec) = 0;
+};
+
+struct FollowerConfig {
+  std::string master_address;
+  std::string listen_address;  // announced to the master (for its status)
+  AckLevel ack = AckLevel::sync;
+  bool no_fsync = false;
+  bool exit_on_disconnect = false;
+  std::chrono::milliseconds master_timeout{5000};  // silence after which the master is presumed gone
+};
+
+struct AttachReport {
+  std::string method;  // "full", "stream", "merkle"
+  uint64_t bytes_received = 0, blocks_received = 0, files_received = 0;
+  double seconds = 0;
+};
+
+struct FollowerStatus {
+  std::string address, state;  // "attaching", "streaming", "disconnected"
+  Lsn received_lsn = 0, durable_lsn = 0;
+  bool has_last_attach = false;
+  AttachReport last_attach;
+  AttachReport current_attach;  // while state == "attaching"
+  std::string last_error;
+};
+
+// A refusal the operator must act on (cluster or block-size mismatch, protocol version, ...).
+class FatalAttachError : public Error {
+ public:
+  using Error::Error;
+};
+
+class Follower {
+ public:
+  Follower(Node& node, FollowerConfig cfg);
+  ~Follower();
+  Follower(const Follower&) = delete;
+  Follower& operator=(const Follower&) = delete;
+
+  // Whether this replica holds a completed copy it can serve before reaching its master.
+  bool has_data() const;
+  // One attach attempt, synchronously, until the replica is consistent (for an empty replica,
+  // before its mount is offered). Throws Error / FatalAttachError.
+  void attach_now();
+  // Streams (and re-attaches with back-off) in a background thread until stop().
+  void start();
+  void stop();
+  // Called when the connection is lost and exit_on_disconnect is set, or on a fatal refusal.
+  void set_on_exit(std::function<void(int code, const std::string& why)> fn) { on_exit_ = std::move(fn); }
+  void set_invalidator(CacheInvalidator* inv) { invalidator_ = inv; }
+
+  FollowerStatus status();
+
+ private:
+  void run();
+  void session(bool first);
+  void handshake(Connection& conn);
+  void receive_copy(Connection& conn);
+  void stream(Connection& conn);
+  void apply_batch(Connection& conn, wire::Batch::Reader batch);
+  void make_durable(Lsn lsn);
+  void send_ack(Connection& conn);
+
+  Node& node_;
+  FollowerConfig cfg_;
+  ReplicaState state_;
+  std::thread thread_;
+  std::atomic<bool> stopping_{false};
+  std::mutex conn_mu_;
+  Connection* conn_ = nullptr;  // the live connection, for stop()
+  std::unique_ptr<Connection> first_conn_;  // attached by attach_now(), streamed on by start()
+  CacheInvalidator* invalidator_ = nullptr;
+  std::function<void(int, const std::string&)> on_exit_;
+
+  // Session state.
+  std::string method_;
+  Lsn replay_until_ = 0;  // records up to here may already be reflected: apply tolerantly
+  Lsn complete_at_ = 0;   // the replica is consistent once a barrier at or past this is durable
+  Lsn last_lsn_ = 0;
+  std::unordered_set<FileId> dirty_files_;
+  bool dirty_namespace_ = false;
+
+  std::mutex status_mu_;
+  FollowerStatus status_;
+  std::chrono::steady_clock::time_point attach_started_;
+};
+
+}  // namespace blockrepl

@@ -1,0 +1,344 @@
+#include "blockrepl/upstream.h"
+
+#include <cerrno>
+#include <cinttypes>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "blockrepl/copy.h"
+#include "blockrepl/error.h"
+#include "blockrepl/log.h"
+
+namespace blockrepl {
+
+const char* ack_level_name(AckLevel level) {
+  switch (level) {
+    case AckLevel::async: return "async";
+    case AckLevel::recv: return "recv";
+    case AckLevel::sync: return "sync";
+  }
+  return "?";
+}
+
+bool parse_ack_level(const std::string& s, AckLevel* out) {
+  if (s == "async") *out = AckLevel::async;
+  else if (s == "recv") *out = AckLevel::recv;
+  else if (s == "sync") *out = AckLevel::sync;
+  else return false;
+  return true;
+}
+
+struct Upstream::Session {
+  std::unique_ptr<Connection> conn;
+  std::string node_id;
+  std::string listen;  // the slave's own listen address, if any
+  AckLevel level = AckLevel::sync;
+  std::atomic<bool> streaming{false};
+  std::atomic<bool> dead{false};
+  std::atomic<Lsn> sent{0}, received{0}, durable{0};
+  std::thread thread;
+};
+
+namespace {
+
+void set_lineage(capnp::List<wire::LineageEntry>::Builder out, const std::vector<LineageEntry>& in) {
+  for (unsigned i = 0; i < in.size(); i++) {
+    out[i].setId(in[i].id);
+    out[i].setFirstLsn(in[i].first_lsn);
+  }
+}
+
+std::vector<LineageEntry> get_lineage(capnp::List<wire::LineageEntry>::Reader in) {
+  std::vector<LineageEntry> out;
+  for (auto e : in) out.push_back({e.getId(), e.getFirstLsn()});
+  return out;
+}
+
+// Whether a slave whose history is `theirs` and which holds every record up to `lsn` has only
+// seen records that are also on our history `ours` (so it can simply continue from `lsn`).
+bool on_our_history(const std::vector<LineageEntry>& ours, const std::vector<LineageEntry>& theirs, Lsn lsn) {
+  if (theirs.empty()) return false;
+  // The slave's latest lineage must be one of ours, and the slave must not hold records of it
+  // beyond the point where we left it for a newer one.
+  const LineageEntry& last = theirs.back();
+  for (size_t i = 0; i < ours.size(); i++) {
+    if (ours[i] == last) {
+      if (i + 1 < ours.size() && lsn >= ours[i + 1].first_lsn) return false;
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+Upstream::Upstream(Node& node, Journal& journal, UpstreamConfig cfg) : node_(node), journal_(journal), cfg_(std::move(cfg)) {}
+
+Upstream::~Upstream() { stop(); }
+
+void Upstream::start() {
+  listen_fd_ = listen_on(cfg_.listen_address);
+  accept_thread_ = std::thread([this] { accept_loop(); });
+  LOG_INFO("serving slaves on %s (ack %s)", cfg_.listen_address.c_str(), ack_level_name(cfg_.ack));
+}
+
+void Upstream::stop() {
+  if (stopping_.exchange(true)) return;
+  if (listen_fd_ >= 0) {
+    shutdown(listen_fd_, SHUT_RDWR);
+  }
+  if (accept_thread_.joinable()) accept_thread_.join();
+  if (listen_fd_ >= 0) close(listen_fd_);
+  listen_fd_ = -1;
+  std::list<std::shared_ptr<Session>> sessions;
+  {
+    std::lock_guard lk(mu_);
+    sessions = sessions_;
+  }
+  for (auto& s : sessions) s->conn->shutdown();
+  for (auto& s : sessions)
+    if (s->thread.joinable()) s->thread.join();
+  std::lock_guard lk(mu_);
+  sessions_.clear();
+}
+
+void Upstream::accept_loop() {
+  while (!stopping_) {
+    auto conn = accept_from(listen_fd_);
+    if (!conn) break;
+    if (stopping_) break;
+    // A slave that stops reading must not block us forever: sends time out.
+    timeval tv{static_cast<time_t>(cfg_.ack_timeout.count() / 1000), static_cast<suseconds_t>((cfg_.ack_timeout.count() % 1000) * 1000)};
+    setsockopt(conn->fd(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    auto s = std::make_shared<Session>();
+    s->conn = std::move(conn);
+    std::lock_guard lk(mu_);
+    // Reap sessions that ended.
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      if ((*it)->dead && (*it)->thread.joinable()) {
+        (*it)->thread.join();
+        it = sessions_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    sessions_.push_back(s);
+    s->thread = std::thread([this, s] { serve(s); });
+  }
+}
+
+void Upstream::drop(Session& s, const std::string& why) {
+  if (!s.dead.exchange(true)) {
+    LOG_WARN("slave %s (%s) dropped: %s", s.conn->peer().c_str(), s.node_id.c_str(), why.c_str());
+    s.conn->shutdown();
+  }
+  ack_cv_.notify_all();
+}
+
+void Upstream::serve(std::shared_ptr<Session> sp) {
+  Session& s = *sp;
+  Connection& conn = *s.conn;
+  std::thread ack_thread;
+  std::shared_ptr<Journal::Reader> reader;
+  try {
+    auto frame = conn.receive(10000);
+    if (!frame) throw Error("closed the connection before saying hello");
+    auto msg = frame->root();
+    if (msg.which() != wire::Message::HELLO) throw Error("spoke first with something other than hello", EPROTO);
+    auto hello = msg.getHello();
+    const Identity me = node_.identity();
+    s.node_id = hello.getNodeId();
+    s.listen = hello.getListenAddress();
+    auto refuse = [&](const std::string& reason) {
+      LOG_WARN("refused slave %s: %s", conn.peer().c_str(), reason.c_str());
+      conn.send_error(reason, true);
+      throw Error(reason);
+    };
+    if (hello.getProtocolVersion() != kProtocolVersion)
+      refuse("protocol version mismatch: slave speaks " + std::to_string(hello.getProtocolVersion()) + ", " +
+             node_.data_path() + " speaks " + std::to_string(kProtocolVersion));
+    if (hello.getBlockSize() != me.block_size)
+      refuse("block size mismatch: slave uses " + std::to_string(hello.getBlockSize()) + ", master uses " +
+             std::to_string(me.block_size));
+    if (std::string(hello.getHashAlgorithm().cStr()) != kHashAlgorithm)
+      refuse("hash algorithm mismatch: slave uses " + std::string(hello.getHashAlgorithm().cStr()) + ", master uses " + kHashAlgorithm);
+    if (s.node_id == me.node_id) refuse("a node cannot be its own slave (node id " + me.node_id + ")");
+    const bool empty = hello.getEmpty();
+    const std::string their_cluster = hello.getClusterId();
+    if (!empty && !their_cluster.empty() && their_cluster != me.cluster_id)
+      refuse("cluster id mismatch: slave belongs to cluster " + their_cluster + ", master to " + me.cluster_id);
+    if (me.cluster_id.empty()) refuse("this node has no data to serve yet (it is not attached itself)");
+    s.level = std::min(cfg_.ack, static_cast<AckLevel>(static_cast<int>(hello.getAckLevel())));
+
+    // Choose the cheapest correct way to attach.
+    wire::AttachMethod method;
+    Lsn start_lsn;
+    const Lsn their_lsn = hello.getDurableLsn();
+    const auto their_lineage = get_lineage(hello.getLineage());
+    if (!empty && on_our_history(me.lineage, their_lineage, their_lsn) &&
+        (reader = journal_.attach(their_lsn, conn.peer()))) {
+      method = wire::AttachMethod::STREAM;
+      start_lsn = their_lsn;
+    } else {
+      if (!empty)
+        LOG_WARN("slave %s at lsn %" PRIu64 " cannot stream (journal holds %" PRIu64 "..%" PRIu64 "): full copy", conn.peer().c_str(),
+                 their_lsn, journal_.covers(their_lsn) ? their_lsn : 0, journal_.last_lsn());
+      method = wire::AttachMethod::FULL;
+      // Hold every record from here on for the slave, then copy the tree as it is.
+      start_lsn = node_.last_lsn();
+      journal_.set_start(start_lsn);
+      reader = journal_.attach(journal_.last_lsn(), conn.peer(), true);
+      if (!reader) throw Error("cannot start a full copy: journal unavailable");
+      start_lsn = reader->taken;
+    }
+    {
+      capnp::MallocMessageBuilder mb;
+      auto w = mb.initRoot<wire::Message>().initWelcome();
+      w.setProtocolVersion(kProtocolVersion);
+      w.setClusterId(me.cluster_id);
+      w.setNodeId(me.node_id);
+      w.setBlockSize(me.block_size);
+      set_lineage(w.initLineage(static_cast<unsigned>(me.lineage.size())), me.lineage);
+      w.setMethod(method);
+      w.setStartLsn(start_lsn);
+      conn.send(mb);
+    }
+    LOG_INFO("slave %s (node %s) attaching by %s from lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(),
+             method == wire::AttachMethod::FULL ? "full copy" : "stream", start_lsn);
+    s.sent = s.received = s.durable = start_lsn;
+    if (method == wire::AttachMethod::FULL) {
+      CopyStats st = send_full_copy(conn, node_.root_fd(), cfg_.assign_ids);
+      capnp::MallocMessageBuilder mb;
+      auto done = mb.initRoot<wire::Message>().initCopyDone();
+      done.setLsn(node_.last_lsn());
+      done.setFiles(st.files);
+      done.setBytes(st.bytes);
+      conn.send(mb);
+      journal_.set_attaching(reader, false);
+      LOG_INFO("slave %s: full copy sent (%" PRIu64 " files, %" PRIu64 " bytes)", conn.peer().c_str(), st.files, st.bytes);
+    }
+    ack_thread = std::thread([this, sp] { read_acks(sp); });
+    s.streaming = true;
+    ack_cv_.notify_all();
+    stream(s, reader);
+  } catch (const std::exception& e) {
+    drop(s, e.what());
+  }
+  s.streaming = false;
+  drop(s, "session ended");
+  if (reader) journal_.detach(reader);
+  if (ack_thread.joinable()) ack_thread.join();
+}
+
+void Upstream::stream(Session& s, std::shared_ptr<Journal::Reader> reader) {
+  std::vector<RecordPtr> batch;
+  auto last_send = std::chrono::steady_clock::now();
+  while (!s.dead && !stopping_) {
+    batch.clear();
+    if (!journal_.read(reader, batch, 4u << 20, std::chrono::milliseconds(200))) {
+      if (reader->cut_off) throw Error("it fell too far behind the journal");
+      return;
+    }
+    auto now = std::chrono::steady_clock::now();
+    if (batch.empty()) {
+      if (now - last_send >= kHeartbeatInterval) {
+        capnp::MallocMessageBuilder mb;
+        mb.initRoot<wire::Message>().initHeartbeat().setLsn(node_.last_lsn());
+        s.conn->send(mb);
+        last_send = now;
+      }
+      continue;
+    }
+    capnp::MallocMessageBuilder mb;
+    auto list = mb.initRoot<wire::Message>().initBatch().initRecords(static_cast<unsigned>(batch.size()));
+    for (unsigned i = 0; i < batch.size(); i++) to_wire(*batch[i], list[i]);
+    s.conn->send(mb);
+    s.sent = batch.back()->lsn;
+    last_send = now;
+  }
+}
+
+void Upstream::read_acks(std::shared_ptr<Session> sp) {
+  Session& s = *sp;
+  // A live slave answers every batch and heartbeat; silence this long means it is gone.
+  const int timeout_ms = static_cast<int>(std::max<int64_t>(cfg_.ack_timeout.count(), 3 * kHeartbeatInterval.count()));
+  try {
+    while (!s.dead) {
+      auto frame = s.conn->receive(timeout_ms);
+      if (!frame) throw Error("it closed the connection");
+      auto msg = frame->root();
+      switch (msg.which()) {
+        case wire::Message::ACK: {
+          auto ack = msg.getAck();
+          Lsn r = ack.getReceivedLsn(), d = ack.getDurableLsn();
+          if (r > s.sent.load() || d > r) throw Error("it acknowledged records it was never sent", EPROTO);
+          if (r > s.received) s.received = r;
+          if (d > s.durable) s.durable = d;
+          ack_cv_.notify_all();
+          break;
+        }
+        case wire::Message::ERROR:
+          throw Error(std::string("it reported: ") + msg.getError().getReason().cStr());
+        default:
+          throw Error("it sent an unexpected message", EPROTO);
+      }
+    }
+  } catch (const std::exception& e) {
+    drop(s, e.what());
+  }
+}
+
+int Upstream::wait_barrier(Lsn lsn) {
+  if (cfg_.ack == AckLevel::async && cfg_.min_sync_slaves == 0) return 0;
+  const auto deadline = std::chrono::steady_clock::now() + cfg_.ack_timeout;
+  std::unique_lock lk(mu_);
+  for (;;) {
+    unsigned confirmed = 0;
+    std::vector<std::shared_ptr<Session>> pending;
+    for (auto& s : sessions_) {
+      if (s->dead || !s->streaming || s->level == AckLevel::async) continue;
+      Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
+      if (have >= lsn) confirmed++;
+      else pending.push_back(s);
+    }
+    if (pending.empty() && confirmed >= cfg_.min_sync_slaves) return 0;
+    if (ack_cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
+      for (auto& s : pending) {
+        Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
+        if (have < lsn) {
+          lk.unlock();
+          drop(*s, "no acknowledgement of lsn " + std::to_string(lsn) + " within " +
+                       std::to_string(cfg_.ack_timeout.count()) + " ms");
+          lk.lock();
+        } else {
+          confirmed++;
+        }
+      }
+      if (confirmed >= cfg_.min_sync_slaves) return 0;
+      LOG_ERROR("barrier at lsn %" PRIu64 ": only %u of the %u required sync slaves confirmed", lsn, confirmed,
+                cfg_.min_sync_slaves);
+      return EIO;
+    }
+  }
+}
+
+std::vector<SlaveStatus> Upstream::slaves() {
+  std::lock_guard lk(mu_);
+  std::vector<SlaveStatus> out;
+  const Lsn last = node_.last_lsn();
+  for (auto& s : sessions_) {
+    if (s->dead) continue;
+    SlaveStatus st;
+    st.address = s->listen.empty() ? s->conn->peer() : s->listen;
+    st.node_id = s->node_id;
+    st.state = s->streaming ? "streaming" : "attaching";
+    st.ack = ack_level_name(s->level);
+    st.received_lsn = s->received;
+    st.durable_lsn = s->durable;
+    (void)last;
+    out.push_back(st);
+  }
+  return out;
+}
+
+}  // namespace blockrepl

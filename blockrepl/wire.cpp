@@ -1,0 +1,269 @@
+#include "blockrepl/wire.h"
+
+#include <arpa/inet.h>
+#include <cerrno>
+#include <cstring>
+#include <endian.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "blockrepl/error.h"
+
+namespace blockrepl {
+
+Connection::Connection(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {
+  int one = 1;
+  setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+Connection::~Connection() {
+  if (fd_ >= 0) close(fd_);
+}
+
+void Connection::shutdown() { ::shutdown(fd_, SHUT_RDWR); }
+
+void Connection::send(capnp::MessageBuilder& msg) {
+  kj::Array<capnp::word> flat = capnp::messageToFlatArray(msg);
+  size_t n = flat.asBytes().size();
+  if (n > kMaxFrameBytes) throw Error("message to " + peer_ + " too large (" + std::to_string(n) + " bytes)");
+  uint32_t len = htole32(static_cast<uint32_t>(n));
+  std::lock_guard lk(send_mu_);
+  iovec iov[2] = {{&len, sizeof len}, {flat.asBytes().begin(), n}};
+  size_t total = sizeof len + n, done = 0;
+  while (done < total) {
+    ssize_t w = writev(fd_, iov, 2);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("send to " + peer_, errno);
+    }
+    done += static_cast<size_t>(w);
+    // Advance the iovecs past what was written.
+    size_t k = static_cast<size_t>(w);
+    for (auto& v : iov) {
+      size_t take = std::min(k, v.iov_len);
+      v.iov_base = static_cast<char*>(v.iov_base) + take;
+      v.iov_len -= take;
+      k -= take;
+    }
+  }
+  bytes_sent_ += total;
+}
+
+bool Connection::read_full(void* buf, size_t n, int timeout_ms, bool eof_ok) {
+  char* p = static_cast<char*>(buf);
+  size_t got = 0;
+  while (got < n) {
+    if (timeout_ms > 0) {
+      pollfd pfd{fd_, POLLIN, 0};
+      int r = poll(&pfd, 1, timeout_ms);
+      if (r < 0 && errno == EINTR) continue;
+      if (r == 0) throw Error("no message from " + peer_ + " for " + std::to_string(timeout_ms / 1000.0).substr(0, 4) + " s", ETIMEDOUT);
+    }
+    ssize_t r = read(fd_, p + got, n - got);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("receive from " + peer_, errno);
+    }
+    if (r == 0) {
+      if (got == 0 && eof_ok) return false;
+      throw Error("connection to " + peer_ + " closed in the middle of a message", ECONNRESET);
+    }
+    got += static_cast<size_t>(r);
+  }
+  bytes_received_ += n;
+  return true;
+}
+
+std::unique_ptr<Frame> Connection::receive(int timeout_ms) {
+  uint32_t len_le;
+  if (!read_full(&len_le, sizeof len_le, timeout_ms, true)) return nullptr;
+  uint32_t len = le32toh(len_le);
+  if (len == 0 || len % sizeof(capnp::word) != 0 || len > kMaxFrameBytes)
+    throw Error("malformed frame from " + peer_ + " (length " + std::to_string(len) + ")", EPROTO);
+  auto frame = std::make_unique<Frame>();
+  frame->words_ = kj::heapArray<capnp::word>(len / sizeof(capnp::word));
+  read_full(frame->words_.begin(), len, timeout_ms, false);
+  capnp::ReaderOptions opts;
+  opts.traversalLimitInWords = kTraversalLimitWords;
+  opts.nestingLimit = 16;
+  try {
+    frame->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(frame->words_.asPtr(), opts);
+    frame->root().which();  // validates the segment table and the root pointer now
+  } catch (const kj::Exception& e) {
+    throw Error("malformed message from " + peer_ + ": " + e.getDescription().cStr(), EPROTO);
+  }
+  return frame;
+}
+
+void Connection::send_error(const std::string& reason, bool fatal) {
+  try {
+    capnp::MallocMessageBuilder mb;
+    auto err = mb.initRoot<wire::Message>().initError();
+    err.setReason(reason);
+    err.setFatal(fatal);
+    send(mb);
+  } catch (...) {
+  }
+  shutdown();
+}
+
+namespace {
+
+bool split_address(const std::string& address, std::string* host, std::string* port) {
+  auto colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) return false;
+  *host = address.substr(0, colon);
+  *port = address.substr(colon + 1);
+  if (host->size() > 2 && host->front() == '[' && host->back() == ']') *host = host->substr(1, host->size() - 2);
+  for (char c : *port)
+    if (c < '0' || c > '9') return false;
+  return std::stoul(*port) <= 65535;
+}
+
+std::string peer_name(const sockaddr* sa) {
+  char host[NI_MAXHOST], port[NI_MAXSERV];
+  if (getnameinfo(sa, sa->sa_family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6), host, sizeof host, port,
+                  sizeof port, NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+    return "?";
+  return std::string(sa->sa_family == AF_INET6 ? "[" : "") + host + (sa->sa_family == AF_INET6 ? "]" : "") + ":" + port;
+}
+
+}  // namespace
+
+std::unique_ptr<Connection> connect_to(const std::string& address, int timeout_ms) {
+  std::string host, port;
+  if (!split_address(address, &host, &port)) throw Error("bad address " + address + " (expected HOST:PORT)", EINVAL);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) throw Error("cannot resolve " + address + ": " + gai_strerror(rc), EHOSTUNREACH);
+  int last_err = ECONNREFUSED;
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
+    if (fd < 0) continue;
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      last_err = errno;
+      close(fd);
+      continue;
+    }
+    pollfd pfd{fd, POLLOUT, 0};
+    int pr = poll(&pfd, 1, timeout_ms);
+    int soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (pr <= 0) soerr = ETIMEDOUT;
+    else getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len);
+    if (soerr != 0) {
+      last_err = soerr;
+      close(fd);
+      continue;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    freeaddrinfo(res);
+    return std::make_unique<Connection>(fd, address);
+  }
+  freeaddrinfo(res);
+  throw Error("cannot connect to " + address + ": " + strerror(last_err), last_err);
+}
+
+int listen_on(const std::string& address) {
+  std::string host, port;
+  if (!split_address(address, &host, &port)) throw Error("bad listen address " + address + " (expected ADDR:PORT)", EINVAL);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  int rc = getaddrinfo(host.empty() || host == "*" ? nullptr : host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) throw Error("cannot resolve listen address " + address + ": " + gai_strerror(rc), EINVAL);
+  int fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
+  if (fd < 0) {
+    freeaddrinfo(res);
+    throw_errno("cannot listen on " + address, errno);
+  }
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 16) != 0) {
+    int e = errno;
+    close(fd);
+    freeaddrinfo(res);
+    if (e == EADDRINUSE) throw Error("cannot listen on " + address + ": the port is already in use", e);
+    throw_errno("cannot listen on " + address, e);
+  }
+  freeaddrinfo(res);
+  return fd;
+}
+
+std::unique_ptr<Connection> accept_from(int listen_fd) {
+  for (;;) {
+    sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int fd = accept4(listen_fd, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_CLOEXEC);
+    if (fd >= 0) return std::make_unique<Connection>(fd, peer_name(reinterpret_cast<sockaddr*>(&ss)));
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    return nullptr;
+  }
+}
+
+void to_wire(const Record& rec, wire::Record::Builder out) {
+  out.setLsn(rec.lsn);
+  out.setOp(static_cast<uint8_t>(rec.op));
+  out.setFid(rec.fid);
+  out.setParent(rec.parent);
+  out.setParent2(rec.parent2);
+  if (!rec.name.empty()) out.setName(kj::arrayPtr(reinterpret_cast<const kj::byte*>(rec.name.data()), rec.name.size()));
+  if (!rec.name2.empty()) out.setName2(kj::arrayPtr(reinterpret_cast<const kj::byte*>(rec.name2.data()), rec.name2.size()));
+  out.setOffset(rec.offset);
+  out.setLength(rec.length);
+  out.setMode(rec.mode);
+  out.setFlags(rec.flags);
+  out.setUid(rec.uid);
+  out.setGid(rec.gid);
+  out.setAttrValid(rec.attr_valid);
+  out.setRdev(rec.rdev);
+  out.setAtimeSec(rec.atime.tv_sec);
+  out.setAtimeNsec(rec.atime.tv_nsec);
+  out.setMtimeSec(rec.mtime.tv_sec);
+  out.setMtimeNsec(rec.mtime.tv_nsec);
+  if (!rec.data.empty()) out.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(rec.data.data()), rec.data.size()));
+}
+
+Record from_wire(wire::Record::Reader in) {
+  Record rec;
+  rec.lsn = in.getLsn();
+  uint8_t op = in.getOp();
+  if (op < static_cast<uint8_t>(Op::write) || op > static_cast<uint8_t>(Op::fsync))
+    throw Error("record with unknown operation " + std::to_string(op) + " at lsn " + std::to_string(rec.lsn), EPROTO);
+  rec.op = static_cast<Op>(op);
+  rec.fid = in.getFid();
+  rec.parent = in.getParent();
+  rec.parent2 = in.getParent2();
+  auto name = in.getName();
+  auto name2 = in.getName2();
+  if (name.size() > 4096 || name2.size() > 4096) throw Error("record with an oversized name at lsn " + std::to_string(rec.lsn), EPROTO);
+  rec.name.assign(reinterpret_cast<const char*>(name.begin()), name.size());
+  rec.name2.assign(reinterpret_cast<const char*>(name2.begin()), name2.size());
+  rec.offset = in.getOffset();
+  rec.length = in.getLength();
+  rec.mode = in.getMode();
+  rec.flags = in.getFlags();
+  rec.uid = in.getUid();
+  rec.gid = in.getGid();
+  rec.attr_valid = in.getAttrValid();
+  rec.rdev = in.getRdev();
+  rec.atime = {static_cast<time_t>(in.getAtimeSec()), static_cast<long>(in.getAtimeNsec())};
+  rec.mtime = {static_cast<time_t>(in.getMtimeSec()), static_cast<long>(in.getMtimeNsec())};
+  auto data = in.getData();
+  rec.owned.assign(reinterpret_cast<const char*>(data.begin()), data.size());
+  rec.data = rec.owned;
+  if (rec.offset > (uint64_t{1} << 62) || rec.length > (uint64_t{1} << 62))
+    throw Error("record with an impossible offset at lsn " + std::to_string(rec.lsn), EPROTO);
+  return rec;
+}
+
+}  // namespace blockrepl

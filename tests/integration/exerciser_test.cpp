@@ -1,0 +1,758 @@
+// Randomized operation exerciser for one blockrepl mount, checked against an in-memory model and
+// against the backing directory, before and after a remount.
+//
+// Several threads each own a disjoint set of names (t<thread>_<n>) in the mount root, so each
+// thread's model is exact while the threads still race on the shared directory. Operations:
+// writes (tiny, unaligned, page sized, > 1 MiB), overwrites, ftruncate/truncate grow and shrink,
+// fallocate (plain, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE), renames (also onto existing names and
+// between two links of one file), hard links, unlinks (also of files still open, which are then
+// written and read through the descriptor), fsync/fdatasync, and stores through MAP_SHARED
+// mappings followed by msync.
+//
+// The seed is printed; BLOCKREPL_SEED=N replays a run (each thread's sequence depends only on the
+// seed; only the time budget, BLOCKREPL_EXERCISER_SECONDS, default 20, can cut it short).
+// BLOCKREPL_EXERCISER_OPS=N runs N operations in all instead of ~3000 (for longer soaks).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <dirent.h>
+#include <fcntl.h>
+#include <iostream>
+#include <linux/falloc.h>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include "harness.h"
+
+namespace blockrepl::test {
+namespace {
+
+constexpr int kThreads = 4;
+int g_ops_per_thread = 750;  // ~3000 operations in all; BLOCKREPL_EXERCISER_OPS=N sets the total
+constexpr int kCheckpointEvery = 250;
+constexpr size_t kMaxFileSize = 8u << 20;
+constexpr size_t kMaxNamesPerThread = 10;
+constexpr size_t kMaxOpenPerThread = 6;
+constexpr size_t kPage = 4096;
+
+std::string errname(int e) {
+  const char* n = strerrorname_np(e);
+  return std::string(n ? n : "E?") + " (" + strerror(e) + ")";
+}
+
+[[noreturn]] void fail_sys(const std::string& what) {
+  int e = errno;
+  throw std::runtime_error(what + " failed: " + errname(e));
+}
+
+long first_diff(const std::string& a, const std::string& b) {
+  size_t n = std::min(a.size(), b.size());
+  for (size_t i = 0; i < n; i++)
+    if (a[i] != b[i]) return static_cast<long>(i);
+  return a.size() == b.size() ? -1 : static_cast<long>(n);
+}
+
+// "" if equal, else a description of the first difference.
+std::string compare(const std::string& expected, const std::string& actual) {
+  long d = first_diff(expected, actual);
+  if (d < 0) return "";
+  std::ostringstream os;
+  os << "expected " << expected.size() << " bytes, got " << actual.size() << "; first difference at offset " << d;
+  if (static_cast<size_t>(d) < expected.size() && static_cast<size_t>(d) < actual.size())
+    os << " (expected byte 0x" << std::hex << (static_cast<unsigned>(expected[d]) & 0xff) << ", got 0x"
+       << (static_cast<unsigned>(actual[d]) & 0xff) << std::dec << ")";
+  // Length of the differing run, to tell a stale page from a single bad byte.
+  size_t end = static_cast<size_t>(d);
+  while (end < std::min(expected.size(), actual.size()) && expected[end] != actual[end]) end++;
+  os << ", differing run of " << end - static_cast<size_t>(d) << " bytes";
+  return os.str();
+}
+
+std::string pread_all(int fd, size_t len, off_t off) {
+  std::string out(len, '\0');
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = pread(fd, out.data() + got, len - got, off + static_cast<off_t>(got));
+    if (n < 0) fail_sys("pread(" + std::to_string(len - got) + " at " + std::to_string(off + static_cast<off_t>(got)) + ")");
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  out.resize(got);
+  return out;
+}
+
+std::string read_whole(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail_sys("open(" + path + ")");
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    close(fd);
+    fail_sys("fstat(" + path + ")");
+  }
+  std::string s;
+  try {
+    s = pread_all(fd, static_cast<size_t>(st.st_size) + 4096, 0);
+  } catch (...) {
+    close(fd);
+    throw;
+  }
+  close(fd);
+  return s;
+}
+
+void fsync_path(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail_sys("open(" + path + ") for fsync");
+  int r = fsync(fd);
+  int e = errno;
+  close(fd);
+  if (r != 0) {
+    errno = e;
+    fail_sys("fsync(" + path + ")");
+  }
+}
+
+std::set<std::string> list_dir(const std::string& p) {
+  DIR* d = opendir(p.c_str());
+  if (!d) fail_sys("opendir(" + p + ")");
+  std::set<std::string> names;
+  errno = 0;
+  while (dirent* e = readdir(d)) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") names.insert(n);
+    errno = 0;
+  }
+  int e = errno;
+  closedir(d);
+  if (e) {
+    errno = e;
+    fail_sys("readdir(" + p + ")");
+  }
+  return names;
+}
+
+std::string set_str(const std::set<std::string>& s) {
+  std::string out;
+  for (auto& x : s) out += (out.empty() ? "" : " ") + x;
+  return "{" + out + "}";
+}
+
+// --- the model -------------------------------------------------------------------------------
+
+struct Obj {
+  int id = 0;
+  std::string data;  // holes are zeros
+  int nlink = 1;
+};
+using ObjP = std::shared_ptr<Obj>;
+
+struct OpenFile {
+  int fd = -1;
+  ObjP obj;
+  int acc = O_RDWR;  // O_RDWR or O_WRONLY
+};
+
+class Worker {
+ public:
+  Worker(int tid, uint64_t seed, std::string mnt, std::string data, std::chrono::steady_clock::time_point deadline)
+      : tid_(tid), rng_(seed), mnt_(std::move(mnt)), data_(std::move(data)), deadline_(deadline) {}
+
+  void run() {
+    try {
+      for (ops_ = 0; ops_ < g_ops_per_thread; ops_++) {
+        if (std::chrono::steady_clock::now() > deadline_) {
+          stopped_early_ = true;
+          break;
+        }
+        step();
+        if ((ops_ + 1) % kCheckpointEvery == 0) checkpoint();
+      }
+      note("final checkpoint");
+      checkpoint();
+    } catch (const std::exception& ex) {
+      error_ = std::string("thread ") + std::to_string(tid_) + ", op #" + std::to_string(ops_) + ": " + ex.what();
+    }
+  }
+
+  // Makes everything durable and closes every descriptor; unlinked files vanish from the model.
+  void finish() {
+    for (auto& of : open_) {
+      if (fsync(of.fd) != 0 && error_.empty()) error_ = "thread " + std::to_string(tid_) + ": final fsync: " + errname(errno);
+      close(of.fd);
+    }
+    open_.clear();
+  }
+
+  const std::string& error() const { return error_; }
+  std::string recent_ops() const {
+    std::string s;
+    for (auto& l : log_) s += "    " + l + "\n";
+    return s;
+  }
+  const std::map<std::string, ObjP>& names() const { return names_; }
+  int ops() const { return ops_; }
+  bool stopped_early() const { return stopped_early_; }
+  const std::map<std::string, int>& counts() const { return counts_; }
+
+ private:
+  uint64_t rnd(uint64_t n) { return n ? rng_() % n : 0; }
+  bool chance(int pct) { return static_cast<int>(rnd(100)) < pct; }
+  std::string mpath(const std::string& name) const { return mnt_ + "/" + name; }
+  std::string bpath(const std::string& name) const { return data_ + "/" + name; }
+
+  void note(const std::string& s) {
+    log_.push_back("#" + std::to_string(ops_) + " " + s);
+    if (log_.size() > 40) log_.pop_front();
+  }
+  void count(const std::string& op) { counts_[op]++; }
+
+  std::string random_bytes(size_t n) {
+    std::string s(n, '\0');
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      uint64_t v = rng_();
+      memcpy(s.data() + i, &v, 8);
+    }
+    uint64_t v = rng_();
+    for (; i < n; i++, v >>= 8) s[i] = static_cast<char>(v & 0xff);
+    return s;
+  }
+
+  size_t random_len() {
+    int r = static_cast<int>(rnd(100));
+    if (r < 25) return 1 + rnd(100);
+    if (r < 50) return 1 + rnd(8192);
+    if (r < 70) return kPage * (1 + rnd(16));
+    if (r < 88) return 1 + rnd(256 * 1024);
+    return (1u << 20) + 1 + rnd(2u << 20);  // > 1 MiB: split by the kernel into several writes
+  }
+
+  size_t random_offset(size_t size) {
+    int r = static_cast<int>(rnd(100));
+    if (r < 40) return rnd(size + 1);
+    if (r < 60) return kPage * rnd(size / kPage + 16);
+    if (r < 80) return size + rnd(65536);  // past EOF: leaves a hole
+    return rnd(kMaxFileSize);
+  }
+
+  // Clamps [off, off+len) into the size cap; len stays >= 1.
+  static void clamp(size_t& off, size_t& len) {
+    if (off >= kMaxFileSize) off = off % (kMaxFileSize / 2);
+    if (off + len > kMaxFileSize) len = kMaxFileSize - off;
+    if (len == 0) len = 1;
+  }
+
+  std::string new_name() { return "t" + std::to_string(tid_) + "_" + std::to_string(next_name_++); }
+
+  std::string random_name() {
+    auto it = names_.begin();
+    std::advance(it, static_cast<long>(rnd(names_.size())));
+    return it->first;
+  }
+
+  void close_open(size_t i) {
+    close(open_[i].fd);
+    open_.erase(open_.begin() + static_cast<long>(i));
+  }
+
+  // An open descriptor to work on: an existing one, or a new open of one of our names.
+  // need_read: must allow reading (O_RDWR). Returns an index into open_, or -1 if there is none.
+  long pick_fd(bool need_read) {
+    std::vector<size_t> ok;
+    for (size_t i = 0; i < open_.size(); i++)
+      if (!need_read || open_[i].acc == O_RDWR) ok.push_back(i);
+    if (!ok.empty() && (names_.empty() || chance(50))) return static_cast<long>(ok[rnd(ok.size())]);
+    if (names_.empty()) return -1;
+    if (open_.size() >= kMaxOpenPerThread) close_open(rnd(open_.size()));
+    std::string name = random_name();
+    int acc = need_read || chance(60) ? O_RDWR : O_WRONLY;
+    int fd = open(mpath(name).c_str(), acc | O_CLOEXEC);
+    if (fd < 0) fail_sys("open(" + name + (acc == O_RDWR ? ", O_RDWR)" : ", O_WRONLY)"));
+    open_.push_back({fd, names_[name], acc});
+    note("open " + name + (acc == O_RDWR ? " rw" : " wo") + " -> fd " + std::to_string(fd) + " (obj " + std::to_string(names_[name]->id) + ")");
+    return static_cast<long>(open_.size() - 1);
+  }
+
+  static std::string obj_tag(const OpenFile& of) {
+    return "fd " + std::to_string(of.fd) + " (obj " + std::to_string(of.obj->id) + (of.obj->nlink == 0 ? ", unlinked" : "") + ")";
+  }
+
+  // --- operations ---
+
+  void op_create() {
+    if (names_.size() >= kMaxNamesPerThread) return op_unlink();
+    std::string name = new_name();
+    int fd = open(mpath(name).c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
+    if (fd < 0) fail_sys("create " + name);
+    auto obj = std::make_shared<Obj>();
+    obj->id = tid_ * 1000000 + next_obj_++;  // unique across threads
+    names_[name] = obj;
+    note("create " + name + " (obj " + std::to_string(obj->id) + ")");
+    count("create");
+    if (open_.size() < kMaxOpenPerThread && chance(50)) open_.push_back({fd, obj, O_RDWR});
+    else close(fd);
+  }
+
+  void op_write() {
+    long i = pick_fd(false);
+    if (i < 0) return op_create();
+    OpenFile& of = open_[static_cast<size_t>(i)];
+    std::string& d = of.obj->data;
+    size_t off = random_offset(d.size()), len = random_len();
+    clamp(off, len);
+    std::string buf = random_bytes(len);
+    note("pwrite " + obj_tag(of) + " off " + std::to_string(off) + " len " + std::to_string(len) + (off > d.size() ? " (past EOF)" : ""));
+    size_t done = 0;
+    while (done < len) {
+      ssize_t n = pwrite(of.fd, buf.data() + done, len - done, static_cast<off_t>(off + done));
+      if (n < 0) fail_sys("pwrite(" + obj_tag(of) + ", " + std::to_string(len) + " at " + std::to_string(off) + ")");
+      if (n == 0) throw std::runtime_error("pwrite returned 0");
+      done += static_cast<size_t>(n);
+    }
+    if (d.size() < off + len) d.resize(off + len, '\0');
+    d.replace(off, len, buf);
+    count(len > (1u << 20) ? "write>1MiB" : "write");
+  }
+
+  void op_read_verify() {
+    long i = pick_fd(true);
+    if (i < 0) return op_create();
+    OpenFile& of = open_[static_cast<size_t>(i)];
+    const std::string& d = of.obj->data;
+    size_t off = chance(20) ? 0 : rnd(d.size() + 8192);
+    size_t len = chance(20) ? d.size() + 100 : random_len();
+    note("verify read " + obj_tag(of) + " off " + std::to_string(off) + " len " + std::to_string(len));
+    std::string got = pread_all(of.fd, len, static_cast<off_t>(off));
+    std::string want = off < d.size() ? d.substr(off, len) : std::string();
+    std::string diff = compare(want, got);
+    if (!diff.empty())
+      throw std::runtime_error("read of " + obj_tag(of) + " [" + std::to_string(off) + ", +" + std::to_string(len) + ") differs from the model: " + diff);
+    struct stat st;
+    if (fstat(of.fd, &st) != 0) fail_sys("fstat");
+    if (static_cast<size_t>(st.st_size) != d.size())
+      throw std::runtime_error("fstat of " + obj_tag(of) + ": st_size " + std::to_string(st.st_size) + ", model " + std::to_string(d.size()));
+    if (st.st_nlink != static_cast<nlink_t>(of.obj->nlink))
+      throw std::runtime_error("fstat of " + obj_tag(of) + ": st_nlink " + std::to_string(st.st_nlink) + ", model " + std::to_string(of.obj->nlink));
+    count("read");
+  }
+
+  size_t random_new_size(size_t size) {
+    int r = static_cast<int>(rnd(100));
+    if (r < 35) return size ? rnd(size) : 0;                          // shrink
+    if (r < 45) return size ? (rnd(size) / kPage) * kPage : 0;        // shrink to a page boundary
+    if (r < 55) return 0;
+    return std::min(kMaxFileSize, size + 1 + rnd(r < 90 ? 65536 : (2u << 20)));  // grow
+  }
+
+  void op_ftruncate() {
+    long i = pick_fd(false);
+    if (i < 0) return op_create();
+    OpenFile& of = open_[static_cast<size_t>(i)];
+    size_t ns = random_new_size(of.obj->data.size());
+    note("ftruncate " + obj_tag(of) + " " + std::to_string(of.obj->data.size()) + " -> " + std::to_string(ns));
+    if (ftruncate(of.fd, static_cast<off_t>(ns)) != 0) fail_sys("ftruncate(" + obj_tag(of) + ", " + std::to_string(ns) + ")");
+    of.obj->data.resize(ns, '\0');
+    count("ftruncate");
+  }
+
+  void op_truncate_path() {
+    if (names_.empty()) return op_create();
+    std::string name = random_name();
+    ObjP o = names_[name];
+    size_t ns = random_new_size(o->data.size());
+    note("truncate " + name + " " + std::to_string(o->data.size()) + " -> " + std::to_string(ns));
+    if (truncate(mpath(name).c_str(), static_cast<off_t>(ns)) != 0) fail_sys("truncate(" + name + ", " + std::to_string(ns) + ")");
+    o->data.resize(ns, '\0');
+    count("truncate");
+  }
+
+  void op_fallocate() {
+    long i = pick_fd(false);
+    if (i < 0) return op_create();
+    OpenFile& of = open_[static_cast<size_t>(i)];
+    std::string& d = of.obj->data;
+    size_t off = chance(70) ? rnd(d.size() + 1) : random_offset(d.size());
+    size_t len = 1 + rnd(chance(80) ? 65536 : (1u << 20));
+    if (chance(40)) {  // page aligned
+      off = off / kPage * kPage;
+      len = (len + kPage - 1) / kPage * kPage;
+    }
+    clamp(off, len);
+    static const struct {
+      int mode;
+      const char* name;
+    } modes[] = {{0, "alloc"},
+                 {FALLOC_FL_KEEP_SIZE, "keep_size"},
+                 {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, "punch_hole"},
+                 {FALLOC_FL_ZERO_RANGE, "zero_range"},
+                 {FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, "zero_range|keep_size"}};
+    const auto& md = modes[rnd(5)];
+    note(std::string("fallocate ") + md.name + " " + obj_tag(of) + " off " + std::to_string(off) + " len " + std::to_string(len) +
+         " (size " + std::to_string(d.size()) + ")");
+    if (fallocate(of.fd, md.mode, static_cast<off_t>(off), static_cast<off_t>(len)) != 0)
+      fail_sys(std::string("fallocate(") + md.name + ", " + obj_tag(of) + ", " + std::to_string(off) + ", " + std::to_string(len) + ")");
+    size_t end = off + len;
+    bool keep = md.mode & FALLOC_FL_KEEP_SIZE;
+    if (md.mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
+      size_t zend = std::min(end, d.size());
+      if (off < zend) std::fill(d.begin() + static_cast<long>(off), d.begin() + static_cast<long>(zend), '\0');
+    }
+    if (!keep && d.size() < end) d.resize(end, '\0');
+    count(std::string("fallocate ") + md.name);
+  }
+
+  void op_rename() {
+    if (names_.empty()) return op_create();
+    std::string from = random_name();
+    std::string to = names_.size() > 1 && chance(50) ? random_name() : new_name();
+    if (to == from) to = new_name();
+    bool same = names_.count(to) && names_[to] == names_[from];
+    note("rename " + from + " -> " + to + (names_.count(to) ? (same ? " (both links of one file)" : " (replacing)") : ""));
+    if (rename(mpath(from).c_str(), mpath(to).c_str()) != 0) fail_sys("rename(" + from + ", " + to + ")");
+    if (same) {
+      // POSIX: renaming a name onto another link of the same file does nothing; both stay.
+      count("rename same-file");
+      return;
+    }
+    if (auto it = names_.find(to); it != names_.end()) it->second->nlink--;
+    names_[to] = names_[from];
+    names_.erase(from);
+    count("rename");
+  }
+
+  void op_link() {
+    if (names_.empty()) return op_create();
+    if (names_.size() >= kMaxNamesPerThread) return op_unlink();
+    std::string from = random_name(), to = new_name();
+    note("link " + from + " -> " + to);
+    if (link(mpath(from).c_str(), mpath(to).c_str()) != 0) fail_sys("link(" + from + ", " + to + ")");
+    names_[to] = names_[from];
+    names_[to]->nlink++;
+    count("link");
+  }
+
+  void op_unlink() {
+    if (names_.empty()) return op_create();
+    std::string name = random_name();
+    note("unlink " + name);
+    if (unlink(mpath(name).c_str()) != 0) fail_sys("unlink(" + name + ")");
+    names_[name]->nlink--;
+    names_.erase(name);
+    count("unlink");
+  }
+
+  // Unlinks a file that is open, then writes and reads through the descriptor.
+  void op_unlink_open() {
+    if (names_.empty()) return op_create();
+    std::string name = random_name();
+    ObjP o = names_[name];
+    if (open_.size() >= kMaxOpenPerThread) close_open(rnd(open_.size()));
+    int fd = open(mpath(name).c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) fail_sys("open(" + name + ")");
+    open_.push_back({fd, o, O_RDWR});
+    note("unlink while open " + name + " (obj " + std::to_string(o->id) + ", fd " + std::to_string(fd) + ")");
+    if (unlink(mpath(name).c_str()) != 0) fail_sys("unlink(" + name + ") while open");
+    o->nlink--;
+    names_.erase(name);
+    size_t off = rnd(o->data.size() + 4096), len = 1 + rnd(chance(20) ? (2u << 20) : 20000);
+    clamp(off, len);
+    std::string buf = random_bytes(len);
+    ssize_t n = pwrite(fd, buf.data(), len, static_cast<off_t>(off));
+    if (n != static_cast<ssize_t>(len)) fail_sys("pwrite after unlink (" + std::to_string(n) + " of " + std::to_string(len) + ")");
+    if (o->data.size() < off + len) o->data.resize(off + len, '\0');
+    o->data.replace(off, len, buf);
+    std::string got = pread_all(fd, o->data.size() + 10, 0);
+    std::string diff = compare(o->data, got);
+    if (!diff.empty()) throw std::runtime_error("read back through the descriptor of unlinked " + name + ": " + diff);
+    struct stat st;
+    if (fstat(fd, &st) != 0) fail_sys("fstat after unlink");
+    if (st.st_nlink != static_cast<nlink_t>(o->nlink))
+      throw std::runtime_error("fstat after unlink of " + name + ": st_nlink " + std::to_string(st.st_nlink) + ", model " + std::to_string(o->nlink));
+    count("unlink while open");
+  }
+
+  void op_fsync() {
+    long i = pick_fd(false);
+    if (i < 0) return op_create();
+    OpenFile& of = open_[static_cast<size_t>(i)];
+    bool data_only = chance(50);
+    note(std::string(data_only ? "fdatasync " : "fsync ") + obj_tag(of));
+    if ((data_only ? fdatasync(of.fd) : fsync(of.fd)) != 0) fail_sys(std::string(data_only ? "fdatasync(" : "fsync(") + obj_tag(of) + ")");
+    count(data_only ? "fdatasync" : "fsync");
+  }
+
+  void op_mmap_write() {
+    long i = pick_fd(true);
+    if (i < 0) return op_create();
+    OpenFile& of = open_[static_cast<size_t>(i)];
+    std::string& d = of.obj->data;
+    if (d.empty()) return op_write();
+    size_t start = (rnd(d.size()) / kPage) * kPage;
+    size_t maplen = std::min(d.size() - start, static_cast<size_t>(1 + rnd(chance(20) ? (1u << 20) : 65536)));
+    size_t woff = rnd(maplen), wlen = 1 + rnd(maplen - woff);  // stores stay below EOF
+    note("mmap write " + obj_tag(of) + " map [" + std::to_string(start) + ", +" + std::to_string(maplen) + ") store at " +
+         std::to_string(start + woff) + " len " + std::to_string(wlen));
+    void* p = mmap(nullptr, maplen, PROT_READ | PROT_WRITE, MAP_SHARED, of.fd, static_cast<off_t>(start));
+    if (p == MAP_FAILED) fail_sys("mmap(" + obj_tag(of) + ")");
+    char* c = static_cast<char*>(p);
+    // The mapping shows the current contents.
+    std::string diff = compare(d.substr(start, maplen), std::string(c, maplen));
+    if (!diff.empty()) {
+      munmap(p, maplen);
+      throw std::runtime_error("mapping of " + obj_tag(of) + " at " + std::to_string(start) + " differs from the model: " + diff);
+    }
+    std::string buf = random_bytes(wlen);
+    memcpy(c + woff, buf.data(), wlen);
+    int r = msync(p, maplen, MS_SYNC);
+    int e = errno;
+    munmap(p, maplen);
+    if (r != 0) {
+      errno = e;
+      fail_sys("msync(" + obj_tag(of) + ")");
+    }
+    d.replace(start + woff, wlen, buf);
+    count("mmap write");
+  }
+
+  void op_close() {
+    if (open_.empty()) return op_write();
+    size_t i = rnd(open_.size());
+    note("close " + obj_tag(open_[i]));
+    close_open(i);
+    count("close");
+  }
+
+  void step() {
+    int r = static_cast<int>(rnd(100));
+    if (r < 7) op_create();
+    else if (r < 32) op_write();
+    else if (r < 41) op_read_verify();
+    else if (r < 47) op_ftruncate();
+    else if (r < 50) op_truncate_path();
+    else if (r < 59) op_fallocate();
+    else if (r < 65) op_rename();
+    else if (r < 69) op_link();
+    else if (r < 73) op_unlink();
+    else if (r < 76) op_unlink_open();
+    else if (r < 82) op_fsync();
+    else if (r < 89) op_mmap_write();
+    else if (r < 94) op_close();
+    else op_write();
+  }
+
+  // Every name of this thread read whole through the mount and, after fsync, from the backing
+  // directory; every open descriptor of an unlinked file read whole too.
+  void checkpoint() {
+    for (auto& [name, obj] : names_) {
+      std::string got = read_whole(mpath(name));
+      std::string diff = compare(obj->data, got);
+      if (!diff.empty()) throw std::runtime_error("checkpoint: " + name + " (obj " + std::to_string(obj->id) + ") on the mount: " + diff);
+      fsync_path(mpath(name));
+      got = read_whole(bpath(name));
+      diff = compare(obj->data, got);
+      if (!diff.empty()) throw std::runtime_error("checkpoint: backing file of " + name + " after fsync: " + diff);
+    }
+    for (auto& of : open_) {
+      if (of.acc != O_RDWR || of.obj->nlink != 0) continue;
+      std::string got = pread_all(of.fd, of.obj->data.size() + 10, 0);
+      std::string diff = compare(of.obj->data, got);
+      if (!diff.empty()) throw std::runtime_error("checkpoint: unlinked " + obj_tag(of) + ": " + diff);
+    }
+    count("checkpoint");
+  }
+
+  int tid_;
+  std::mt19937_64 rng_;
+  std::string mnt_, data_;
+  std::chrono::steady_clock::time_point deadline_;
+  std::map<std::string, ObjP> names_;
+  std::vector<OpenFile> open_;
+  int next_name_ = 0, next_obj_ = 0, ops_ = 0;
+  bool stopped_early_ = false;
+  std::deque<std::string> log_;
+  std::map<std::string, int> counts_;
+  std::string error_;
+};
+
+// --- whole-volume checks ---------------------------------------------------------------------
+
+struct Expected {
+  std::map<std::string, ObjP> names;  // every name of every thread
+};
+
+void verify_volume(const Expected& ex, const std::string& mnt, const std::string& data, const std::string& when) {
+  SCOPED_TRACE(when);
+  std::set<std::string> model_names;
+  for (auto& [n, o] : ex.names) model_names.insert(n);
+  std::set<std::string> mount_names = list_dir(mnt);
+  std::set<std::string> backing_names = list_dir(data);
+  EXPECT_EQ(backing_names.count(".blockrepl"), 1u) << "the backing dir must hold .blockrepl";
+  backing_names.erase(".blockrepl");
+  EXPECT_EQ(mount_names.count(".blockrepl"), 0u) << "the mount must not list .blockrepl";
+  EXPECT_EQ(mount_names, model_names) << "mount listing vs model: mount " << set_str(mount_names) << " model " << set_str(model_names);
+  EXPECT_EQ(backing_names, model_names) << "backing listing vs model: backing " << set_str(backing_names) << " model " << set_str(model_names);
+
+  std::map<int, ino_t> mount_ino, backing_ino;   // obj id -> inode, for hard links
+  std::map<int, std::string> fid_of;             // obj id -> trusted.blockrepl.fid of the backing file
+  std::map<std::string, int> obj_of_fid;
+  for (auto& [name, obj] : ex.names) {
+    std::string mp = mnt + "/" + name, bp = data + "/" + name;
+    try {
+      fsync_path(mp);
+      std::string got = read_whole(mp);
+      std::string diff = compare(obj->data, got);
+      EXPECT_TRUE(diff.empty()) << name << " (obj " << obj->id << ") on the mount differs from the model: " << diff;
+      got = read_whole(bp);
+      diff = compare(obj->data, got);
+      EXPECT_TRUE(diff.empty()) << name << " (obj " << obj->id << ") in the backing dir differs from the model: " << diff;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << name << ": " << e.what();
+      continue;
+    }
+    struct stat sm, sb;
+    if (lstat(mp.c_str(), &sm) != 0 || lstat(bp.c_str(), &sb) != 0) {
+      ADD_FAILURE() << "lstat of " << name << ": " << errname(errno);
+      continue;
+    }
+    EXPECT_EQ(static_cast<size_t>(sm.st_size), obj->data.size()) << name << ": st_size on the mount vs model";
+    EXPECT_EQ(sm.st_size, sb.st_size) << name << ": st_size mount vs backing";
+    EXPECT_EQ(sm.st_mode, sb.st_mode) << name << ": st_mode mount vs backing";
+    EXPECT_TRUE(S_ISREG(sm.st_mode)) << name << ": must be a regular file";
+    EXPECT_EQ(sm.st_nlink, static_cast<nlink_t>(obj->nlink)) << name << ": st_nlink on the mount vs model";
+    EXPECT_EQ(sm.st_nlink, sb.st_nlink) << name << ": st_nlink mount vs backing";
+    EXPECT_EQ(sm.st_uid, sb.st_uid) << name << ": st_uid mount vs backing";
+    if (auto [it, fresh] = mount_ino.emplace(obj->id, sm.st_ino); !fresh) {
+      EXPECT_EQ(it->second, sm.st_ino) << name << ": hard links of one file must share the inode on the mount";
+    }
+    if (auto [it, fresh] = backing_ino.emplace(obj->id, sb.st_ino); !fresh) {
+      EXPECT_EQ(it->second, sb.st_ino) << name << ": hard links of one file must share the inode in the backing dir";
+    }
+
+    // The file id: present on the backing file, the same for all links, distinct between files,
+    // and never visible through the mount.
+    char fid[256];
+    ssize_t n = getxattr(bp.c_str(), "trusted.blockrepl.fid", fid, sizeof fid);
+    EXPECT_GT(n, 0) << name << ": backing file must carry trusted.blockrepl.fid (" << errname(errno) << ")";
+    if (n > 0) {
+      std::string f(fid, static_cast<size_t>(n));
+      if (auto [it, fresh] = fid_of.emplace(obj->id, f); !fresh) {
+        EXPECT_EQ(it->second, f) << name << ": links of one file must share the file id";
+      }
+      if (auto [it, fresh] = obj_of_fid.emplace(f, obj->id); !fresh) {
+        EXPECT_EQ(it->second, obj->id) << name << ": two different files share a file id";
+      }
+    }
+    char list[4096];
+    ssize_t ln = listxattr(mp.c_str(), list, sizeof list);
+    EXPECT_GE(ln, 0) << name << ": listxattr on the mount: " << errname(errno);
+    for (ssize_t i = 0; i < ln;) {
+      std::string x(list + i);
+      EXPECT_NE(x.rfind("trusted.blockrepl.", 0), 0u) << name << ": listxattr on the mount shows " << x;
+      i += static_cast<ssize_t>(x.size()) + 1;
+    }
+    EXPECT_LT(getxattr(mp.c_str(), "trusted.blockrepl.fid", fid, sizeof fid), 0) << name << ": getxattr of the file id through the mount must fail";
+  }
+}
+
+uint64_t choose_seed() {
+  if (const char* s = getenv("BLOCKREPL_SEED"); s && *s) return std::strtoull(s, nullptr, 0);
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+TEST(ExerciserFs, RandomOperationsMatchModelAndBackingDirectory) {
+  const uint64_t seed = choose_seed();
+  std::cout << "[ exerciser ] seed " << seed << " (BLOCKREPL_SEED=" << seed << " replays it)" << std::endl;
+  ::testing::Test::RecordProperty("seed", std::to_string(seed));
+  SCOPED_TRACE("seed " + std::to_string(seed) + " (BLOCKREPL_SEED=" + std::to_string(seed) + " replays it)");
+  int budget_s = 20;
+  if (const char* s = getenv("BLOCKREPL_EXERCISER_SECONDS"); s && *s) budget_s = atoi(s);
+  if (const char* s = getenv("BLOCKREPL_EXERCISER_OPS"); s && *s) g_ops_per_thread = std::max(1, atoi(s) / kThreads);
+
+  TempDir tmp("exerciser");
+  std::string data = tmp.sub("data"), mnt = tmp.sub("mnt");
+  Expected ex;
+  {
+    Mount m(data, mnt);
+    ASSERT_TRUE(m.ok()) << m.error();
+    auto start = std::chrono::steady_clock::now();
+    auto deadline = start + std::chrono::seconds(budget_s);
+    std::vector<std::unique_ptr<Worker>> workers;
+    for (int t = 0; t < kThreads; t++)
+      workers.push_back(std::make_unique<Worker>(t, seed * 1000003u + static_cast<uint64_t>(t) * 7919u, mnt, data, deadline));
+    std::vector<std::thread> threads;
+    for (auto& w : workers) threads.emplace_back([&w] { w->run(); });
+    for (auto& th : threads) th.join();
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+    int total = 0;
+    std::map<std::string, int> counts;
+    bool failed = false;
+    for (auto& w : workers) {
+      total += w->ops();
+      for (auto& [k, v] : w->counts()) counts[k] += v;
+      if (!w->error().empty()) {
+        failed = true;
+        ADD_FAILURE() << w->error() << "\n  last operations of that thread:\n" << w->recent_ops();
+      }
+      EXPECT_FALSE(w->stopped_early()) << "a thread ran out of its " << budget_s << " s budget after " << w->ops() << " ops (mount too slow?)";
+    }
+    std::cout << "[ exerciser ] " << total << " operations in " << secs << " s:";
+    for (auto& [k, v] : counts) std::cout << " " << k << "=" << v;
+    std::cout << std::endl;
+    for (auto& w : workers) w->finish();
+    if (failed) return;  // the model no longer describes the volume
+
+    for (auto& w : workers)
+      for (auto& [n, o] : w->names()) ex.names[n] = o;
+    verify_volume(ex, mnt, data, "after the run, still mounted");
+    m.unmount();
+    ASSERT_FALSE(is_mounted(mnt)) << "unmount failed";
+  }
+  // The backing directory alone, then a fresh mount of it.
+  {
+    std::set<std::string> backing = list_dir(data);
+    backing.erase(".blockrepl");
+    for (auto& [name, obj] : ex.names) {
+      std::string diff = compare(obj->data, read_whole(data + "/" + name));
+      EXPECT_TRUE(diff.empty()) << "unmounted backing file " << name << ": " << diff;
+    }
+  }
+  Mount m2(data, mnt);
+  ASSERT_TRUE(m2.ok()) << "remount failed: " << m2.error();
+  verify_volume(ex, mnt, data, "after unmount and remount");
+  // The remounted volume is writable and consistent for further changes.
+  if (!ex.names.empty()) {
+    const std::string name = ex.names.begin()->first;
+    ObjP o = ex.names.begin()->second;
+    int fd = open((mnt + "/" + name).c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << errname(errno);
+    ASSERT_EQ(write(fd, "after remount", 13), 13) << errname(errno);
+    ASSERT_EQ(fsync(fd), 0) << errname(errno);
+    close(fd);
+    o->data += "after remount";
+    EXPECT_EQ(compare(o->data, read_whole(mnt + "/" + name)), "") << "append after remount (mount)";
+    EXPECT_EQ(compare(o->data, read_whole(data + "/" + name)), "") << "append after remount (backing)";
+  }
+}
+
+}  // namespace
+}  // namespace blockrepl::test
