@@ -136,6 +136,13 @@ Lsn Journal::last_lsn() {
   return last_lsn_;
 }
 
+uint64_t Journal::bytes_after(Lsn lsn) {
+  std::lock_guard lk(mu_);
+  uint64_t total = 0;
+  for (auto it = records_.rbegin(); it != records_.rend() && (*it)->lsn > lsn; ++it) total += (*it)->data.size();
+  return total;
+}
+
 size_t Journal::bytes() {
   std::lock_guard lk(mu_);
   return bytes_;

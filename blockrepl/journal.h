@@ -55,6 +55,8 @@ class Journal : public RecordSink {
   // The LSN every record since is known to the journal (last_lsn() when nothing is kept).
   void set_start(Lsn lsn);
   size_t bytes();
+  // Data bytes of the records after `lsn` that the journal still holds (a slave's lag).
+  uint64_t bytes_after(Lsn lsn);
   void close();
 
  private:

@@ -252,8 +252,8 @@ void Upstream::stream(Session& s, std::shared_ptr<Journal::Reader> reader) {
     capnp::MallocMessageBuilder mb;
     auto list = mb.initRoot<wire::Message>().initBatch().initRecords(static_cast<unsigned>(batch.size()));
     for (unsigned i = 0; i < batch.size(); i++) to_wire(*batch[i], list[i]);
+    s.sent = batch.back()->lsn;  // before sending: the slave may acknowledge before send() returns
     s.conn->send(mb);
-    s.sent = batch.back()->lsn;
     last_send = now;
   }
 }
@@ -335,7 +335,7 @@ std::vector<SlaveStatus> Upstream::slaves() {
     st.ack = ack_level_name(s->level);
     st.received_lsn = s->received;
     st.durable_lsn = s->durable;
-    (void)last;
+    st.lag_bytes = s->durable.load() < last ? journal_.bytes_after(s->durable) : 0;
     out.push_back(st);
   }
   return out;

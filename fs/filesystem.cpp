@@ -395,6 +395,7 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
   Inode& dir2 = inode_of(req, newparent);
   Record rec;
   rec.op = Op::rename;
+  rec.fid = read_file_id(dir.fd, name).value_or(kInvalidFileId);  // lets a replica check it renames the same file
   rec.parent = dir.fid;
   rec.name = name;
   rec.parent2 = dir2.fid;
@@ -410,7 +411,9 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
 int backing_open_flags(int flags) {
   // The writeback cache may read pages of a write-only file and computes append offsets itself;
   // O_DIRECT data is bounced by the kernel as a plain write; O_SYNC/O_DSYNC arrive as fsync.
-  flags &= ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_APPEND | O_DIRECT | O_SYNC | O_DSYNC);
+  // O_NOFOLLOW would refuse the /proc/self/fd link we reopen through (the kernel already
+  // resolved the name without following).
+  flags &= ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_APPEND | O_DIRECT | O_SYNC | O_DSYNC | O_NOFOLLOW);
   if ((flags & O_ACCMODE) == O_WRONLY) flags = (flags & ~O_ACCMODE) | O_RDWR;
   return flags | O_CLOEXEC;
 }

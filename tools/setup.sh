@@ -7,7 +7,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: must run as root (apt-get install)" >&2; exit 1
 fi
 packages=(
-  build-essential cmake pkg-config git      # toolchain
+  build-essential cmake pkg-config git python3  # toolchain; python3 runs the benchmarks
   libfuse3-dev fuse3                         # FUSE low-level API and fusermount3
   liburing-dev                               # io_uring for the replication stream and apply path
   capnproto libcapnp-dev                     # wire protocol schema, framing, kj async I/O

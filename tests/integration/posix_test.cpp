@@ -15,6 +15,7 @@
 #include <grp.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <map>
 #include <memory>
 #include <set>
 #include <stdexcept>
@@ -329,6 +330,66 @@ TEST_F(PosixFs, FsyncFdatasyncAndFsyncdirReturnZero) {
   Fd root(open_or_throw(mnt_, O_RDONLY | O_DIRECTORY));
   EXPECT_EQ(fsync(root), 0) << "fsync on the mount root: expected 0, got errno " << errname(errno);
   EXPECT_EQ(syncfs(fd), 0) << "syncfs: expected 0, got errno " << errname(errno);
+}
+
+// The return value cannot show an ENOSYS answer: the kernel turns it into 0 and stops sending
+// fsync/fsyncdir for good. So this test traces the FUSE requests (--fuse-debug, libfuse 3.14's
+// "unique: N, opcode: FSYNCDIR (30)" / "unique: N, success" lines) and checks that every call
+// reached the daemon and was answered with success.
+TEST(PosixFsOwnMount, FsyncAndFsyncdirReachTheDaemon) {
+  TempDir tmp("posix-trace");
+  std::string data = tmp.sub("data"), mnt = tmp.sub("mnt"), log = tmp.path() + "/fuse.log";
+  {
+    Mount mount(data, mnt, {"--fuse-debug", "--log-file", log});
+    ASSERT_TRUE(mount.ok()) << mount.error();
+    Fd fd(open_or_throw(mnt + "/f", O_CREAT | O_RDWR));
+    Fd dir(open_or_throw(mnt, O_RDONLY | O_DIRECTORY));
+    for (int i = 0; i < 3; i++) {
+      pwrite_all(fd, "data " + std::to_string(i), 0);
+      EXPECT_EQ(fsync(fd), 0) << "fsync #" << i << ": " << errname(errno);
+      pwrite_all(fd, "more " + std::to_string(i), 100);
+      EXPECT_EQ(fdatasync(fd), 0) << "fdatasync #" << i << ": " << errname(errno);
+      EXPECT_EQ(fsync(dir), 0) << "fsyncdir #" << i << ": " << errname(errno);
+    }
+    fd.reset();
+    dir.reset();
+    mount.unmount();
+  }
+  std::string text;
+  ASSERT_NO_THROW(text = read_file(log)) << "the daemon wrote no log at " << log;
+  std::map<std::string, std::string> op_of;  // unique -> opcode
+  std::map<std::string, int> ok, failed;
+  std::string failures;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t eol = text.find('\n', pos);
+    if (eol == std::string::npos) eol = text.size();
+    std::string line = text.substr(pos, eol - pos);
+    pos = eol + 1;
+    size_t u = line.find("unique: ");
+    if (u == std::string::npos) continue;
+    size_t comma = line.find(',', u);
+    if (comma == std::string::npos) continue;
+    std::string id = line.substr(u + 8, comma - u - 8);
+    size_t o = line.find("opcode: ", comma);
+    if (o != std::string::npos) {
+      op_of[id] = line.substr(o + 8, line.find(' ', o + 8) - o - 8);
+    } else if (op_of.count(id)) {
+      const std::string& op = op_of[id];
+      if (line.find("success", comma) != std::string::npos) ok[op]++;
+      else if (line.find("error", comma) != std::string::npos) {
+        failed[op]++;
+        failures += "\n  " + op + ": " + line;
+      }
+    }
+  }
+  ASSERT_FALSE(op_of.empty()) << "no FUSE requests traced in " << log << " (did --fuse-debug/--log-file change?)";
+  EXPECT_GE(ok["FSYNC"], 6) << "3 fsync + 3 fdatasync calls must each reach the daemon as FSYNC and succeed; "
+                            << ok["FSYNC"] << " did" << failures;
+  EXPECT_GE(ok["FSYNCDIR"], 3) << "3 fsync calls on a directory must each reach the daemon as FSYNCDIR and succeed; "
+                               << ok["FSYNCDIR"] << " did" << failures;
+  EXPECT_EQ(failed["FSYNC"], 0) << "FSYNC answered with an error" << failures;
+  EXPECT_EQ(failed["FSYNCDIR"], 0) << "FSYNCDIR answered with an error" << failures;
 }
 
 TEST_F(PosixFs, OSyncAndODsyncWritesReachTheBackingFile) {

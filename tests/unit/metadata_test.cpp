@@ -232,6 +232,33 @@ TEST_F(MetadataTest, StoreIdentityReplacesAtomicallyAndLeavesNoTempFile) {
   EXPECT_EQ(load_or_create_identity(meta_fd_, data_).node_id, id.node_id);
 }
 
+TEST_F(MetadataTest, StoreIdentityRoundTripsRoleAndLineage) {
+  open_meta();
+  Identity id = load_or_create_identity(meta_fd_, data_);
+  EXPECT_TRUE(id.lineage.empty());
+  EXPECT_EQ(id.role, "");
+  id.role = "master";
+  id.lineage = {{"aaaa", 1}, {"bbbb", 5000}, {"cccc", 18446744073709551615ull}};
+  store_identity(meta_fd_, id, data_);
+  Identity back = load_or_create_identity(meta_fd_, data_);
+  EXPECT_EQ(back.role, "master");
+  EXPECT_EQ(back.lineage, id.lineage);
+  EXPECT_EQ(back.node_id, id.node_id);
+  id.lineage.clear();
+  id.role = "slave";
+  store_identity(meta_fd_, id, data_);
+  back = load_or_create_identity(meta_fd_, data_);
+  EXPECT_TRUE(back.lineage.empty());
+  EXPECT_EQ(back.role, "slave");
+}
+
+TEST_F(MetadataTest, IdentityWithMalformedLineageThrowsErrorNamingPath) {
+  open_meta();
+  expect_damaged("node_id=abcd\nlineage=no-at-sign\n", "lineage entry without @");
+  expect_damaged("node_id=abcd\nlineage=aaaa@\n", "lineage entry without LSN");
+  expect_damaged("node_id=abcd\nlineage=aaaa@1,bbbb\n", "second lineage entry without @");
+}
+
 TEST_F(MetadataTest, IdentityToleratesUnknownKeysAndMissingOptionalFields) {
   open_meta();
   spit(identity_path(), "# comment\nnode_id=abcd\nfuture_key=1\n");
@@ -275,6 +302,7 @@ TEST_F(MetadataTest, IdentityWithNegativeLsnReservedIsDamaged) {
 TEST_F(MetadataTest, IdentityWithTrailingGarbageInNumberIsDamaged) {
   open_meta();
   expect_damaged("node_id=abcd\nlsn_reserved=12abc\n", "lsn_reserved with trailing garbage");
+  expect_damaged("node_id=abcd\nlineage=aaaa@12abc\n", "lineage LSN with trailing garbage");
 }
 
 TEST_F(MetadataTest, IdentityWithOutOfRangeBlockSizeIsDamaged) {

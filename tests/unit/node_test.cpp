@@ -475,5 +475,153 @@ TEST_F(NodeTest, BarrierOfFilePublishesFsyncRecordAndReturnsZero) {
   EXPECT_EQ(node.last_lsn(), r.lsn);
 }
 
+// ---- slave side and identity updates ----------------------------------------------------------
+
+TEST_F(NodeTest, ApplyReceivedKeepsTheRecordsLsnAndPublishesIt) {
+  Node node(data_);
+  node.store().set_track_files(true);  // as a slave runs it
+  RecordingSink sink;
+  sink.root = data_;
+  node.add_sink(&sink);
+  Record c = create_rec("f", 0xf1);
+  c.lsn = 1000;
+  ASSERT_EQ(node.apply_received(c, false), 0);
+  std::string payload = "from master";
+  Record w;
+  w.op = Op::write;
+  w.fid = 0xf1;
+  w.data = payload;
+  w.lsn = 1001;
+  ASSERT_EQ(node.apply_received(w, false), 0);
+  EXPECT_EQ(slurp(p("f")), "from master");
+  EXPECT_EQ(sink.lsns(), (std::vector<Lsn>{1000, 1001}));
+  EXPECT_TRUE(sink.seen[0].applied_before_publish);
+  EXPECT_EQ(node.last_lsn(), 1001u);
+}
+
+TEST_F(NodeTest, ApplyReceivedFailureIsNotPublished) {
+  Node node(data_);
+  node.store().set_track_files(true);
+  RecordingSink sink;
+  node.add_sink(&sink);
+  Record c = create_rec("f", 0xf1);
+  c.lsn = 10;
+  ASSERT_EQ(node.apply_received(c, false), 0);
+  Record bad = unlink_rec("missing");
+  bad.lsn = 11;
+  EXPECT_EQ(node.apply_received(bad, false), ENOENT);
+  EXPECT_EQ(node.last_lsn(), 10u);
+  EXPECT_EQ(sink.lsns(), (std::vector<Lsn>{10}));
+  // Replayed, a record whose effect is already there is skipped, and still passed downstream.
+  Record again = create_rec("f", 0xf1);
+  again.lsn = 10;
+  EXPECT_EQ(node.apply_received(again, true), 0);
+  EXPECT_EQ(node.apply_received(c, true), 0);
+}
+
+TEST_F(NodeTest, ApplyReceivedPublishesBarrierWithoutApplyingIt) {
+  Node node(data_);
+  node.store().set_track_files(true);
+  RecordingSink sink;
+  node.add_sink(&sink);
+  Record b;
+  b.op = Op::fsync;
+  b.fid = 0x5151;  // unknown here: applying it would fail with ENOENT
+  b.lsn = 77;
+  EXPECT_EQ(node.apply_received(b, false), 0);
+  EXPECT_EQ(sink.lsns(), (std::vector<Lsn>{77}));
+  EXPECT_EQ(node.last_lsn(), 77u);
+}
+
+TEST_F(NodeTest, BarrierWaitsForSlavesAndReturnsTheirAnswer) {
+  Node node(data_);
+  RecordingSink sink;
+  node.add_sink(&sink);
+  std::vector<Lsn> waited;
+  size_t published_when_waited = 0;
+  node.set_barrier_waiter([&](Lsn lsn) {
+    waited.push_back(lsn);
+    published_when_waited = sink.seen.size();
+    return EIO;
+  });
+  Record b;
+  b.op = Op::fsync;
+  b.fid = kRootFileId;
+  EXPECT_EQ(node.barrier(b), EIO) << "too few slaves confirmed: the barrier must fail";
+  EXPECT_EQ(waited, (std::vector<Lsn>{b.lsn}));
+  EXPECT_EQ(published_when_waited, 1u) << "waited before the barrier was published";
+
+  // A local failure wins over the slaves' answer.
+  Record missing;
+  missing.op = Op::fsync;
+  missing.fid = 0x4444;
+  EXPECT_EQ(node.barrier(missing), ENOENT);
+
+  node.set_barrier_waiter([&](Lsn lsn) {
+    waited.push_back(lsn);
+    return 0;
+  });
+  Record ok;
+  ok.op = Op::fsync;
+  ok.fid = kRootFileId;
+  EXPECT_EQ(node.barrier(ok), 0);
+  EXPECT_EQ(waited.back(), ok.lsn);
+  node.set_barrier_waiter(nullptr);
+  Record plain;
+  plain.op = Op::fsync;
+  plain.fid = kRootFileId;
+  EXPECT_EQ(node.barrier(plain), 0);
+  EXPECT_EQ(waited.size(), 3u);
+}
+
+TEST_F(NodeTest, CloseCleanLetsTheNextStartContinueRightAfterTheLastLsn) {
+  Lsn last = 0;
+  {
+    Node a(data_);
+    for (int i = 0; i < 3; i++) {
+      Record r = mkdir_rec("d" + std::to_string(i), 0x600 + i);
+      ASSERT_EQ(a.submit(r), 0);
+      last = r.lsn;
+    }
+    a.close_clean();
+  }
+  Node b(data_);
+  EXPECT_EQ(b.last_lsn(), last);
+  Record r = mkdir_rec("after", 0x700);
+  ASSERT_EQ(b.submit(r), 0);
+  EXPECT_EQ(r.lsn, last + 1);
+  // And the new run's reservation is on disk again before anything else happens.
+  EXPECT_GT(identity_on_disk().lsn_reserved, r.lsn);
+}
+
+TEST_F(NodeTest, UpdateIdentityIsDurableAndSurvivesReopen) {
+  std::string node_id;
+  {
+    Node a(data_);
+    node_id = a.identity().node_id;
+    a.update_identity([](Identity& id) {
+      id.cluster_id = "cluster-1";
+      id.role = "master";
+      id.lineage.push_back({"epoch-a", 1});
+    });
+    EXPECT_EQ(a.identity().cluster_id, "cluster-1");
+    Identity disk = identity_on_disk();
+    EXPECT_EQ(disk.cluster_id, "cluster-1");
+    EXPECT_EQ(disk.role, "master");
+    ASSERT_EQ(disk.lineage.size(), 1u);
+    EXPECT_EQ(disk.lineage[0].id, "epoch-a");
+    // LSN reservations made later keep the other fields.
+    Record r = mkdir_rec("x", 0x800);
+    ASSERT_EQ(a.submit(r), 0);
+  }
+  Node b(data_);
+  Identity id = b.identity();
+  EXPECT_EQ(id.node_id, node_id);
+  EXPECT_EQ(id.cluster_id, "cluster-1");
+  EXPECT_EQ(id.role, "master");
+  ASSERT_EQ(id.lineage.size(), 1u);
+  EXPECT_EQ(id.lineage[0].first_lsn, 1u);
+}
+
 }  // namespace
 }  // namespace blockrepl

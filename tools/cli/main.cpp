@@ -46,6 +46,22 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
+  } catch (const CLI::RequiredError& e) {
+    // An unknown flag is the likelier mistake than the missing option it displaced.
+    for (auto* sub : app.get_subcommands({}))
+      for (const auto& extra : sub->remaining())
+        if (!extra.empty() && extra[0] == '-') {
+          fprintf(stderr, "blockrepl: %s: unknown option %s (see blockrepl %s --help)\n", sub->get_name().c_str(),
+                  extra.c_str(), sub->get_name().c_str());
+          return 2;
+        }
+    // CLI11 reports an unknown subcommand as a missing one; name what was given instead.
+    if (argc > 1 && argv[1][0] != '-' && !app.get_subcommands().size()) {
+      fprintf(stderr, "blockrepl: unknown command '%s' (commands: mount, umount, status; see blockrepl --help)\n", argv[1]);
+      return 2;
+    }
+    fprintf(stderr, "blockrepl: %s (see blockrepl --help)\n", e.what());
+    return 2;
   } catch (const CLI::ParseError& e) {
     // One line, not the whole help text.
     fprintf(stderr, "blockrepl: %s (see blockrepl --help)\n", e.what());

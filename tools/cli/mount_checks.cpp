@@ -89,7 +89,8 @@ std::optional<std::string> check_mount_paths(const std::string& data, const std:
                                              std::string* data_abs, std::string* mountpoint_abs) {
   if (auto err = check_dir(data, "data directory", data_abs)) return err;
   if (auto err = check_dir(mountpoint, "mount point", mountpoint_abs)) return err;
-  if (*data_abs == *mountpoint_abs) return "the data directory and the mount point must be different directories";
+  if (*data_abs == *mountpoint_abs)
+    return "data directory and mount point are the same directory (" + *data_abs + "): they must differ";
   if (is_under(*data_abs, *mountpoint_abs))
     return "data directory " + *data_abs + " is inside mount point " + *mountpoint_abs + ": it would be hidden by the mount";
   if (is_under(*mountpoint_abs, *data_abs))
