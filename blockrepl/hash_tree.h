@@ -15,7 +15,7 @@
 // extent since the last clean point, (fid, extent) is made durable in a small log. After an
 // unclean stop only the logged extents are rehashed (recover_file_tree).
 //
-// Neither class locks for FileHashTree (one owner, or the caller's mutex); DirtyLog is
+// FileHashTree does no locking (one owner, or the caller's mutex around it); DirtyLog is
 // thread-safe because every FUSE worker calls note() on its write path.
 #pragma once
 #include <cstdint>
@@ -95,7 +95,7 @@ class FileHashTree {
   void truncate(uint64_t new_size);
 
   // Whether refresh() has work: blocks to rehash or internal nodes to recompute.
-  bool dirty() const { return !dirty_.empty() || !stale_.empty(); }
+  bool dirty() const { return !dirty_.empty() || !stale_.empty() || reshape_; }
   uint64_t dirty_blocks() const;
   // Rereads (pread) and rehashes the dirty blocks, then recomputes the nodes above every
   // changed leaf. fd may be -1 when no block needs reading (after truncate or load alone).
@@ -162,6 +162,7 @@ class FileHashTree {
   std::vector<std::vector<Hash128>> levels_;
   Ranges dirty_;  // leaf ranges to reread and rehash
   Ranges stale_;  // leaf ranges whose ancestors must be recomputed (resize, load, build)
+  bool reshape_ = false;  // the block count changed: levels to resize (even with nothing stale)
 };
 
 // The differing block indices of two trees of the same block size (the reference for the
@@ -207,6 +208,8 @@ class DirtyLog {
     bool operator==(const Entry&) const = default;
     auto operator<=>(const Entry&) const = default;
   };
+  // Kept in the log after load() found it damaged: "rehash every file" (fid 0 is never used).
+  static const Entry kEverything;
 
   // Opens (creating) <meta_fd>/dirty-log.0 and .1. where names the folder in errors. With
   // durable false nothing is fsync'ed (tests). Call load() before the first note().
@@ -216,8 +219,9 @@ class DirtyLog {
   DirtyLog& operator=(const DirtyLog&) = delete;
 
   // The extents logged since the last clean point, sorted; nullopt if the log is damaged
-  // beyond a torn last batch (then every file must be rehashed). Keeps them as logged, so
-  // writes to them need no sync until the next clean point.
+  // beyond a torn last batch: then every file must be rehashed, and load() keeps answering
+  // nullopt (the verdict is made durable) until clear() after that full rehash. Keeps the
+  // entries as logged, so writes to them need no sync until the next clean point.
   std::optional<std::vector<Entry>> load();
 
   // Records that [offset, offset+length) of fid is about to change. Returns true if an extent
@@ -226,7 +230,8 @@ class DirtyLog {
   // The same for a size change: a shrink notes the cut extents (the whole file past
   // kMaxTruncateExtents), a growth the extent where the old end was.
   bool note_truncate(FileId fid, uint64_t old_size, uint64_t new_size);
-  // Makes every noted extent durable (one write and one fdatasync for the batch).
+  // Makes every noted extent durable (one write and one fdatasync for the batch). Throws
+  // Error on failure (the entries stay pending) or if load() was never called.
   void sync();
 
   void begin_checkpoint();
@@ -256,6 +261,7 @@ class DirtyLog {
   std::unordered_map<Entry, State, EntryHash> state_;
   std::vector<Entry> pending_;  // noted, not yet written
   uint64_t syncs_ = 0;
+  bool loaded_ = false;  // appends before load() would overwrite entries not yet read
 };
 
 // Brings `tree` for file fid (open as fd) up to date after an unclean stop: loads the saved

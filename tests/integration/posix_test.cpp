@@ -379,7 +379,7 @@ TEST(PosixFsOwnMount, FsyncAndFsyncdirReachTheDaemon) {
       if (line.find("success", comma) != std::string::npos) ok[op]++;
       else if (line.find("error", comma) != std::string::npos) {
         failed[op]++;
-        failures += "\n  " + op + ": " + line;
+        if (op.rfind("FSYNC", 0) == 0) failures += "\n  " + op + ": " + line;
       }
     }
   }
