@@ -77,6 +77,13 @@ int FileTable::rw_fd(FileId fid) {
   }
   Entry& e = it->second;
   if (e.rw_fd >= 0) return e.rw_fd;
+  // Data records only ever change regular files: never let a record write into a device node.
+  struct stat st;
+  if (fstat(e.path_fd, &st) != 0) return -1;
+  if (!S_ISREG(st.st_mode)) {
+    errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+    return -1;
+  }
   e.rw_fd = open(fd_path(e.path_fd).c_str(), O_RDWR | O_CLOEXEC);
   if (e.rw_fd < 0) return -1;
   rw_open_.push_back(fid);

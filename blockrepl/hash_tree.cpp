@@ -418,6 +418,11 @@ struct LeavesHeader {
   uint64_t leaf_count;
 };
 static_assert(sizeof(LeavesHeader) == 32);
+
+// Covers header and leaves: the leaves hashed with the header's hash as seed.
+Hash128 leaves_checksum(const LeavesHeader& h, const std::vector<Hash128>& leaves) {
+  return from_xxh(XXH3_128bits_withSeed(leaves.data(), leaves.size() * sizeof(Hash128), XXH3_64bits(&h, sizeof h)));
+}
 }  // namespace
 
 std::string FileHashTree::saved_name(FileId fid) {
@@ -439,12 +444,7 @@ void FileHashTree::save(int dirfd, FileId fid, bool durable) const {
   h.leaf_count = levels_[0].size();
   const auto& leaves = levels_[0];
   const size_t leaf_bytes = leaves.size() * sizeof(Hash128);
-  XXH3_state_t* st = XXH3_createState();
-  XXH3_128bits_reset(st);
-  XXH3_128bits_update(st, &h, sizeof h);
-  XXH3_128bits_update(st, leaves.data(), leaf_bytes);
-  Hash128 sum = from_xxh(XXH3_128bits_digest(st));
-  XXH3_freeState(st);
+  const Hash128 sum = leaves_checksum(h, leaves);
 
   int fd = openat(dirfd, tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) throw_errno("cannot write " + what, errno);
@@ -486,27 +486,28 @@ bool FileHashTree::load(int dirfd, FileId fid) {
   if (fsize < sizeof h + sizeof(Hash128)) return damaged("too short");
   const uint64_t leaf_bytes = fsize - sizeof h - sizeof(Hash128);
   if (leaf_bytes % sizeof(Hash128) != 0) return damaged("odd length");
-  std::vector<Hash128> leaves(leaf_bytes / sizeof(Hash128));
-  Hash128 sum;
+  // The header first: its counts must agree with the file's length before we size a buffer
+  // by them.
   try {
-    if (pread_full(fd, reinterpret_cast<char*>(&h), sizeof h, 0) != sizeof h ||
-        pread_full(fd, reinterpret_cast<char*>(leaves.data()), leaf_bytes, sizeof h) != leaf_bytes ||
-        pread_full(fd, reinterpret_cast<char*>(&sum), sizeof sum, sizeof h + leaf_bytes) != sizeof sum)
-      return damaged("short read");
+    if (pread_full(fd, reinterpret_cast<char*>(&h), sizeof h, 0) != sizeof h) return damaged("short read");
   } catch (const Error& e) {
     return damaged(e.what());
   }
   if (memcmp(h.magic, kLeavesMagic, sizeof h.magic) != 0) return damaged("bad magic");
   if (h.version != kLeavesVersion) return damaged("unknown version");
-  if (h.leaf_count != leaves.size() || h.leaf_count != div_ceil(h.file_size, block_size_))
+  if (h.block_size < 512 || !std::has_single_bit(h.block_size)) return damaged("bad block size");
+  if (h.leaf_count != leaf_bytes / sizeof(Hash128) || h.leaf_count != div_ceil(h.file_size, h.block_size))
     return damaged("leaf count does not match the sizes");
-  XXH3_state_t* st = XXH3_createState();
-  XXH3_128bits_reset(st);
-  XXH3_128bits_update(st, &h, sizeof h);
-  XXH3_128bits_update(st, leaves.data(), leaf_bytes);
-  Hash128 want = from_xxh(XXH3_128bits_digest(st));
-  XXH3_freeState(st);
-  if (!(want == sum)) return damaged("checksum mismatch");
+  std::vector<Hash128> leaves(h.leaf_count);
+  Hash128 sum;
+  try {
+    if (pread_full(fd, reinterpret_cast<char*>(leaves.data()), leaf_bytes, sizeof h) != leaf_bytes ||
+        pread_full(fd, reinterpret_cast<char*>(&sum), sizeof sum, sizeof h + leaf_bytes) != sizeof sum)
+      return damaged("short read");
+  } catch (const Error& e) {
+    return damaged(e.what());
+  }
+  if (!(leaves_checksum(h, leaves) == sum)) return damaged("checksum mismatch");
   close(fd);
   if (h.block_size != block_size_) {
     LOG_WARN("saved hash tree %s of %s has block size %u, not %u; rehashing", name.c_str(), label_.c_str(),
@@ -719,12 +720,10 @@ bool DirtyLog::note_truncate(FileId fid, uint64_t old_size, uint64_t new_size) {
   }
   uint64_t extents = ((old_size - 1) >> kExtentShift) - (new_size >> kExtentShift) + 1;
   if (extents > kMaxTruncateExtents) {
-    bool need = false;
     std::lock_guard lk(mu_);
     auto [it, inserted] = state_.try_emplace(Entry{fid, kWholeFile}, kPending);
     if (inserted) pending_.push_back(it->first);
-    need = it->second != kDurable;
-    return need;
+    return it->second != kDurable;
   }
   return note(fid, new_size, old_size - new_size);
 }

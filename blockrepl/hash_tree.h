@@ -32,13 +32,15 @@
 namespace blockrepl {
 
 // Children per internal node. Every node that differs costs one answer of F hashes (F * 16
-// bytes), and the descent takes ceil(log_F n) round trips, so F trades bytes for round trips:
-// for 100 scattered changes in 1 GiB (n = 2^18 blocks of 4 KiB) F = 16 needs 5 round trips
-// and ~130 KiB of hashes, F = 64 needs 3 and ~150 KiB (1 KiB per differing node), F = 256
-// needs 3 as well but ~800 KiB, which with the 400 KiB of block data breaks the 1 MiB budget
-// of DESIGN.md section 6. 64 keeps 3 round trips up to 16 GiB per file (4 up to 1 TiB) while
-// the hash bytes stay well under the data bytes. Both sides must agree: it is part of the
-// tree's definition (like the hash algorithm), so changing it changes every root.
+// bytes) and the descent takes ceil(log_F n) round trips, so F trades bytes for round trips.
+// For 100 scattered changes in 1 GiB (n = 2^18 blocks of 4 KiB), next to 400 KiB of block data:
+//   F = 16: 5 round trips, ~63 KiB of hashes;   F = 64: 3 round trips, ~150 KiB;
+//   F = 256: 3 round trips, ~400 KiB (the upper levels no longer save a round trip).
+// 64 keeps the hash bytes well under the data bytes and the whole repair under the 1 MiB of
+// DESIGN.md section 6, with 3 round trips up to 1 GiB, 4 up to 64 GiB and 5 up to 4 TiB per
+// file (a slow link pays per round trip, and each file with changes pays them anew). It also
+// keeps internal levels small (1/63 of the leaves) and a refresh cheap (1 KiB per level per
+// changed leaf). Both peers must agree: F is part of the tree's definition, like the hash.
 inline constexpr unsigned kHashFanOut = 64;
 
 // An XXH3-128 digest. Serialized (on disk, and wherever bytes are hashed) as lo then hi, each

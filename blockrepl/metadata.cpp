@@ -17,14 +17,24 @@ namespace blockrepl {
 namespace {
 constexpr const char kIdentityFile[] = "identity";
 
-std::string read_small_file(int dirfd, const char* name, bool* missing) {
+// A whole decimal number, nothing else (no sign, no trailing characters), within `max`.
+uint64_t parse_number(const std::string& s, uint64_t max) {
+  if (s.empty() || s.size() > 20) throw std::invalid_argument(s);
+  for (char c : s)
+    if (c < '0' || c > '9') throw std::invalid_argument(s);
+  uint64_t v = std::stoull(s);
+  if (v > max) throw std::out_of_range(s);
+  return v;
+}
+
+std::string read_small_file(int dirfd, const char* name, const std::string& where, bool* missing) {
   int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT) {
       *missing = true;
       return {};
     }
-    throw_errno(std::string("cannot open ") + name, errno);
+    throw_errno("cannot open " + where, errno);
   }
   std::string out;
   char buf[4096];
@@ -33,7 +43,7 @@ std::string read_small_file(int dirfd, const char* name, bool* missing) {
     if (n < 0) {
       int e = errno;
       close(fd);
-      throw_errno(std::string("cannot read ") + name, e);
+      throw_errno("cannot read " + where, e);
     }
     if (n == 0) break;
     out.append(buf, static_cast<size_t>(n));
@@ -66,7 +76,8 @@ int open_metadata_dir(int data_fd, const std::string& data_path) {
 
 Identity load_or_create_identity(int meta_fd, const std::string& data_path) {
   bool missing = false;
-  std::string text = read_small_file(meta_fd, kIdentityFile, &missing);
+  const std::string where = data_path + "/" + kMetadataDirName + "/" + kIdentityFile;
+  std::string text = read_small_file(meta_fd, kIdentityFile, where, &missing);
   Identity id;
   if (missing) {
     id.node_id = random_hex_id(8);
@@ -95,11 +106,11 @@ Identity load_or_create_identity(int meta_fd, const std::string& data_path) {
       std::string item = lin.substr(start, comma - start);
       size_t at = item.find('@');
       if (at == std::string::npos) throw std::invalid_argument("lineage");
-      id.lineage.push_back({item.substr(0, at), std::stoull(item.substr(at + 1))});
+      id.lineage.push_back({item.substr(0, at), parse_number(item.substr(at + 1), UINT64_MAX)});
       start = comma + 1;
     }
-    if (!kv["block_size"].empty()) id.block_size = static_cast<uint32_t>(std::stoul(kv["block_size"]));
-    if (!kv["lsn_reserved"].empty()) id.lsn_reserved = std::stoull(kv["lsn_reserved"]);
+    if (!kv["block_size"].empty()) id.block_size = static_cast<uint32_t>(parse_number(kv["block_size"], 1u << 30));
+    if (!kv["lsn_reserved"].empty()) id.lsn_reserved = parse_number(kv["lsn_reserved"], UINT64_MAX);
   } catch (const std::exception&) {
     throw Error(data_path + "/" + kMetadataDirName + "/identity is damaged (bad number)");
   }

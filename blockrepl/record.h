@@ -70,8 +70,30 @@ struct Record {
   std::string_view data;
   std::string owned;
 
+  Record() = default;
+  // A copy or move of a record that owns its bytes must point at its own copy of them.
+  Record(const Record& o) : Record() { *this = o; }
+  Record(Record&& o) noexcept : Record() { *this = std::move(o); }
+  Record& operator=(const Record& o) {
+    if (this == &o) return *this;
+    copy_fields(o);
+    owned = o.owned;
+    data = o.owns_data() ? std::string_view(owned) : o.data;
+    return *this;
+  }
+  Record& operator=(Record&& o) noexcept {
+    if (this == &o) return *this;
+    const bool owns = o.owns_data();
+    copy_fields(o);
+    owned = std::move(o.owned);
+    data = owns ? std::string_view(owned) : o.data;
+    o.data = {};
+    return *this;
+  }
+  bool owns_data() const { return !owned.empty() && data.data() == owned.data(); }
+
   void own_data() {
-    if (data.data() != owned.data()) {
+    if (!owns_data()) {
       owned.assign(data.data(), data.size());
       data = owned;
     }
@@ -79,6 +101,14 @@ struct Record {
   // Whether applying this record makes a barrier (a durability point).
   bool is_barrier() const { return op == Op::fsync; }
   std::string describe() const;  // "lsn 42 write fid 0x.. off 4096 len 4096" for logs and errors
+
+ private:
+  void copy_fields(const Record& o) {
+    lsn = o.lsn; op = o.op; fid = o.fid; parent = o.parent; parent2 = o.parent2;
+    name = o.name; name2 = o.name2; offset = o.offset; length = o.length; mode = o.mode;
+    flags = o.flags; uid = o.uid; gid = o.gid; attr_valid = o.attr_valid; rdev = o.rdev;
+    atime = o.atime; mtime = o.mtime;
+  }
 };
 
 }  // namespace blockrepl

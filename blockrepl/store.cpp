@@ -61,8 +61,10 @@ int Store::resolve(const Record& rec, const Targets& given, Targets& t, bool nee
 int Store::apply_created(const Record& rec, int parent_fd) {
   const char* name = rec.name.c_str();
   if (fchownat(parent_fd, name, rec.uid, rec.gid, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  // The record's mode, not whatever umask this process runs with (symlinks have no mode).
+  if (rec.op != Op::symlink && fchmodat(parent_fd, name, rec.mode & 07777, 0) != 0) return errno;
   if (int err = write_file_id(parent_fd, name, rec.fid)) return err;
-  if (track_files_) files_.add(rec.fid, parent_fd, name);
+  if (track_files_) return files_.add(rec.fid, parent_fd, name);
   return 0;
 }
 
@@ -191,12 +193,20 @@ int Store::apply_replayed(const Record& rec) {
     case Op::create:
     case Op::mkdir:
     case Op::symlink: {
+      // The file exists already, possibly under another name by now: nothing to create.
+      if (files_.path_fd(rec.fid) >= 0) return 0;
       FileId there = entry_fid(rec.parent, rec.name);
       if (there != kInvalidFileId) {
         // Already created (same id), or the name belongs to a later file: either way the
         // directory is past this record.
         if (there == rec.fid) files_.add(rec.fid, files_.path_fd(rec.parent), rec.name.c_str());
         return 0;
+      }
+      int pfd = files_.path_fd(rec.parent);
+      struct stat st;
+      if (pfd >= 0 && valid_name(rec.name) && fstatat(pfd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+        // Created but not yet tagged when the daemon died: finish the job.
+        return apply_created(rec, pfd);
       }
       break;
     }

@@ -568,6 +568,83 @@ std::string last_attach_method(const Node& n) {
 }  // namespace
 
 // =============================================================================================
+// 0. The comparison itself finds each kind of difference (so that a passing test means something).
+
+TEST(ReplicationUtil, CompareTreesReportsEveryKindOfDifference) {
+  TempDir tmp("repl-cmp");
+  auto make = [&](const std::string& root) {
+    mkdir((root + "/d").c_str(), 0755);
+    write_file(root + "/d/f", repl::random_bytes(1, 20000));
+    write_file(root + "/g", "same");
+    link((root + "/g").c_str(), (root + "/g2").c_str());
+    symlink("d/f", (root + "/l").c_str());
+    setxattr((root + "/d/f").c_str(), "user.x", "1", 1, 0);
+    setxattr((root + "/d/f").c_str(), "trusted.blockrepl.fid", "\x07\0\0\0\0\0\0\0", 8, 0);
+    setxattr((root + "/g").c_str(), "trusted.blockrepl.fid", "\x08\0\0\0\0\0\0\0", 8, 0);
+    mkdir((root + "/.blockrepl").c_str(), 0700);  // never compared
+    write_file(root + "/.blockrepl/state", root);
+  };
+  std::string a = tmp.sub("a"), b = tmp.sub("b");
+  make(a);
+  make(b);
+  repl::CompareOptions o;
+  o.require_fid = false;
+  ASSERT_EQ(repl::diff_report(a, b, o), "");
+  auto expect_found = [&](const std::string& what, const std::string& needle) {
+    std::string r = repl::diff_report(a, b, o);
+    EXPECT_NE(r.find(needle), std::string::npos) << what << " not reported; report:\n" << r;
+  };
+  {  // one byte in the middle of a block
+    int fd = open((b + "/d/f").c_str(), O_WRONLY);
+    repl::pwrite_all(fd, "\x01", 12345);
+    close(fd);
+    if (repl::random_bytes(1, 20000)[12345] != '\x01') expect_found("content", "d/f: contents differ: 1 bytes differ between offsets 12345 and 12345");
+    write_file(b + "/d/f", repl::random_bytes(1, 20000));
+  }
+  chmod((b + "/g").c_str(), 0600);
+  expect_found("mode", "g: mode 100644 (a) vs 100600 (b)");
+  chmod((b + "/g").c_str(), 0644);
+  chown((b + "/g").c_str(), 1000, 1000);
+  expect_found("owner", "g: owner 0:0 (a) vs 1000:1000 (b)");
+  chown((b + "/g").c_str(), 0, 0);
+  setxattr((b + "/d").c_str(), "user.y", "2", 1, 0);
+  expect_found("xattr", "d: xattr user.y only in b");
+  removexattr((b + "/d").c_str(), "user.y");
+  setxattr((b + "/g").c_str(), "trusted.blockrepl.fid", "\x09\0\0\0\0\0\0\0", 8, 0);
+  expect_found("fid", "g: trusted.blockrepl.fid 0800000000000000 (a) vs 0900000000000000 (b)");
+  setxattr((b + "/g").c_str(), "trusted.blockrepl.fid", "\x08\0\0\0\0\0\0\0", 8, 0);
+  unlink((b + "/l").c_str());
+  symlink("d/other", (b + "/l").c_str());
+  expect_found("symlink target", "l: symlink target 'd/f' (a) vs 'd/other' (b)");
+  unlink((b + "/l").c_str());
+  symlink("d/f", (b + "/l").c_str());
+  unlink((b + "/g2").c_str());
+  write_file(b + "/g2", "same");
+  expect_found("hard link", "g: hard-link group {g, g2} (a) vs {} (b)");
+  unlink((b + "/g2").c_str());
+  link((b + "/g").c_str(), (b + "/g2").c_str());
+  truncate((b + "/d/f").c_str(), 100);
+  expect_found("size", "d/f: size 20000 (a) vs 100 (b)");
+  write_file(b + "/d/f", repl::random_bytes(1, 20000));
+  mkdir((b + "/extra").c_str(), 0755);
+  expect_found("extra entry", "extra: only in b (dir");
+  rmdir((b + "/extra").c_str());
+  unlink((b + "/g2").c_str());
+  mkdir((b + "/g2").c_str(), 0755);
+  expect_found("type", "g2: type file (a) vs dir (b)");
+  rmdir((b + "/g2").c_str());
+  link((b + "/g").c_str(), (b + "/g2").c_str());
+  timespec ts[2] = {{0, UTIME_OMIT}, {1600000000, 5}};
+  utimensat(AT_FDCWD, (a + "/g").c_str(), ts, 0);
+  ts[1].tv_nsec = 6;
+  utimensat(AT_FDCWD, (b + "/g").c_str(), ts, 0);
+  o.file_mtimes = true;
+  expect_found("mtime", "g: mtime 1600000000.5 (a) vs 1600000000.6 (b)");
+  o.file_mtimes = false;
+  EXPECT_EQ(repl::diff_report(a, b, o), "") << "the trees should be equal again";
+}
+
+// =============================================================================================
 // 1. Master -> slave -> chained slave with a random workload and SQLite.
 
 TEST(ReplicationChain, RandomWorkloadAndSqliteReachTwoSlavesInAChain) {
@@ -826,19 +903,25 @@ TEST(ReplicationAttach, LateEmptySlaveAttachesDuringContinuousWrites) {
   Cluster c("repl-late");
   Node& m = c.add_master({"--ack", "sync"});
   ASSERT_TRUE(m.ok());
-  populate(m.mnt, 40, 200000, 77);
+  populate(m.mnt, 40, 1500000, 77);  // 60 MB: the copy takes a while
   AppendWriter writer(m.mnt, 4, 4242);
   writer.start();
   ASSERT_TRUE(writer.wait_progress(30, 20s)) << writer.errors();
   Node& s = c.define_slave(m);
   auto t0 = Clock::now();
+  const uint64_t before_attach = writer.appends();
   ASSERT_TRUE(c.mount(s));
   const uint64_t at_attach = writer.appends();
-  printf("[ info ] full copy while writing: mount returned after %.2f s, writer at %llu appends\n", seconds_since(t0),
-         static_cast<unsigned long long>(at_attach));
+  const double attach_secs = seconds_since(t0);
+  printf("[ info ] full copy while writing: mount returned after %.2f s; %llu appends+fsyncs on the master meanwhile\n",
+         attach_secs, static_cast<unsigned long long>(at_attach - before_attach));
+  if (attach_secs > 1.0) {
+    EXPECT_GT(at_attach, before_attach) << "the master's writes stood still during the " << attach_secs << " s full copy";
+  }
   EXPECT_TRUE(writer.wait_progress(40, 30s)) << "the writer stalled after the slave attached: " << writer.errors();
   writer.stop();
   EXPECT_EQ(writer.errors(), "");
+  EXPECT_LT(writer.max_fsync_seconds(), 5.0) << "an fsync on the master waited that long during the attach";
   EXPECT_EQ(last_attach_method(s), "full");
   EXPECT_SYNCED(m, s.mnt);
   EXPECT_SAME_TREE(m, s);
@@ -1159,7 +1242,8 @@ TEST(ReplicationBadInput, ListenPortAlreadyInUse) {
   TempDir tmp("repl-bad-port");
   std::string data = tmp.sub("data"), mnt = tmp.sub("mnt");
   write_file(data + "/keep", "precious");
-  auto before = repl::manifest(data);
+  // Nothing lost: contents and metadata stay (a fresh volume may get its file ids tagged).
+  auto before = repl::manifest(data, false);
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   ASSERT_GE(fd, 0);
   sockaddr_in a{};
@@ -1173,7 +1257,7 @@ TEST(ReplicationBadInput, ListenPortAlreadyInUse) {
   std::string port = std::to_string(ntohs(a.sin_port));
   expect_refused({"mount", "--data", data, "--listen", "127.0.0.1:" + port, mnt}, {port}, mnt);
   close(fd);
-  EXPECT_EQ(repl::manifest_diff(before, repl::manifest(data)), "");
+  EXPECT_EQ(repl::manifest_diff(before, repl::manifest(data, false)), "");
   EXPECT_EQ(read_file(data + "/keep"), "precious");
 }
 
@@ -1203,7 +1287,7 @@ TEST(ReplicationBadInput, ClusterMismatchIsRefusedAndKeepsTheReplica) {
   Node& b = c.add_master();  // unrelated: a cluster of its own
   ASSERT_TRUE(b.ok());
   ASSERT_EQ(write_and_fsync(b.file("from-b"), "b"), 0);
-  expect_refused({"mount", "--data", s.data, "--master", b.address(), "-v", "--log-file", s.log, s.mnt}, {"cluster"}, s.mnt);
+  expect_refused({"mount", "--data", s.data, "--master", b.address(), "--log-file", s.log, s.mnt}, {"cluster"}, s.mnt);
   // If the daemon went on in the background, give it time to do damage before checking.
   pid_t stray = s.pid();
   if (stray) {

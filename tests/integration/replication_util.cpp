@@ -567,9 +567,9 @@ std::string diff_report(const std::string& a, const std::string& b, const Compar
   return out;
 }
 
-std::map<std::string, std::string> manifest(const std::string& root) {
+std::map<std::string, std::string> manifest(const std::string& root, bool with_fid) {
   std::map<std::string, std::string> out;
-  for (auto& [p, e] : scan_tree(root, true)) {
+  for (auto& [p, e] : scan_tree(root, with_fid)) {
     std::string d = e.type + " mode=" + octal(e.mode) + " owner=" + std::to_string(e.uid) + ":" + std::to_string(e.gid) +
                     " size=" + std::to_string(e.size) + " target=" + e.link_target + " fid=" + hex(e.fid);
     for (auto& [k, v] : e.xattrs) d += " " + k + "=" + hex(v);

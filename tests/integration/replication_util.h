@@ -161,7 +161,9 @@ std::string diff_report(const std::string& a, const std::string& b, const Compar
 
 // Difference between two scans of the same tree (e.g. before and after a refused mount),
 // including file contents through a content digest taken at scan time.
-std::map<std::string, std::string> manifest(const std::string& root);  // path -> description+digest
+// with_fid = false leaves trusted.blockrepl.fid out (a volume's first mount tags its files; that
+// loses nothing).
+std::map<std::string, std::string> manifest(const std::string& root, bool with_fid = true);  // path -> description+digest
 std::string manifest_diff(const std::map<std::string, std::string>& before,
                           const std::map<std::string, std::string>& after);
 
