@@ -197,8 +197,10 @@ void Follower::handshake(Connection& conn) {
       id.lineage = lineage;
       id.role = "slave";
     });
-    // Records after the durable point may already be applied (the daemon died, the machine did not).
-    replay_until_ = state_.applied();
+    // Records after the durable point may already be applied: the daemon died after applying
+    // them, or the state file's note of how far we got is older than the data (it is synced
+    // lazily). Up to what the master had when we connected, apply tolerantly.
+    replay_until_ = std::max(state_.applied(), w.getLastLsn());
     complete_at_ = 0;
     last_lsn_ = start;
     node_.set_last_lsn(start);
@@ -292,7 +294,13 @@ void Follower::stream(Connection& conn) {
           std::lock_guard lk(status_mu_);
           durable = status_.durable_lsn;
         }
-        if (durable < last_lsn_) make_durable(last_lsn_);
+        if (durable < last_lsn_) {
+          make_durable(last_lsn_);
+        } else if (!cfg_.no_fsync && state_.durable() == durable &&
+                   std::chrono::steady_clock::now() - state_synced_at_ >= std::chrono::seconds(1)) {
+          state_.set_durable(durable, true);  // the lazily synced note catches up while idle
+          state_synced_at_ = std::chrono::steady_clock::now();
+        }
         send_ack(conn);
         break;
       }
@@ -305,13 +313,16 @@ void Follower::stream(Connection& conn) {
 }
 
 void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch) {
+  // Barriers in one batch share one round of fsyncs: durable at the last one is durable at all
+  // of them (concurrent committers, as in PostgreSQL's group commit, cost one sync, not many).
+  Lsn last_barrier = 0;
   for (auto wr : batch.getRecords()) {
-    Record rec = from_wire(wr);
+    Record rec = from_wire(wr, /*view_data=*/true);  // the frame outlives this loop
     if (rec.lsn <= last_lsn_)
       throw Error("master " + cfg_.master_address + " sent lsn " + std::to_string(rec.lsn) + " after " + std::to_string(last_lsn_), EPROTO);
     if (rec.is_barrier()) {
-      make_durable(rec.lsn);
-      node_.apply_received(rec, false);  // publishes it to our own slaves
+      node_.apply_received(rec, false);  // publishes it to our own slaves; durability below
+      last_barrier = rec.lsn;
     } else {
       const bool replay = rec.lsn <= replay_until_;
       if (int err = node_.apply_received(rec, replay)) {
@@ -323,14 +334,19 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch) {
     }
     last_lsn_ = rec.lsn;
   }
-  // A full copy is consistent once the records up to copy-done are applied: make it durable
-  // right away rather than waiting for the application's next barrier.
-  if (!state_.attach_complete() && last_lsn_ >= complete_at_) make_durable(last_lsn_);
-  state_.set_applied(last_lsn_);
   {
     std::lock_guard lk(status_mu_);
     status_.received_lsn = last_lsn_;
   }
+  if (last_barrier) {
+    send_ack(conn);  // "received" first: a master in recv mode need not wait for our disk
+    make_durable(last_barrier);
+  } else if (!state_.attach_complete() && last_lsn_ >= complete_at_) {
+    // A full copy is consistent once the records up to copy-done are applied: make it durable
+    // right away rather than waiting for the application's next barrier.
+    make_durable(last_lsn_);
+  }
+  state_.set_applied(last_lsn_);
   send_ack(conn);
 }
 
@@ -354,7 +370,12 @@ void Follower::make_durable(Lsn lsn) {
       LOG_INFO("replica %s is consistent at lsn %" PRIu64, node_.data_path().c_str(), lsn);
     }
   } else {
-    state_.set_durable(lsn);
+    // The data is durable now; the note of it only needs to be a lower bound, so it is synced
+    // at most every 200 ms rather than costing a second fsync per barrier.
+    auto now = std::chrono::steady_clock::now();
+    const bool sync_note = now - state_synced_at_ >= std::chrono::milliseconds(200);
+    state_.set_durable(lsn, sync_note && !cfg_.no_fsync);
+    if (sync_note) state_synced_at_ = now;
   }
   std::lock_guard lk(status_mu_);
   status_.durable_lsn = lsn;

@@ -105,6 +105,7 @@ class Follower {
   Lsn last_lsn_ = 0;
   std::unordered_set<FileId> dirty_files_;
   bool dirty_namespace_ = false;
+  std::chrono::steady_clock::time_point state_synced_at_{};
 
   std::mutex status_mu_;
   FollowerStatus status_;

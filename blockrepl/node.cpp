@@ -72,8 +72,14 @@ Lsn Node::next_lsn_locked() {
 
 int Node::submit(Record& rec, const Targets& t) {
   std::lock_guard lk(order_mu_);
-  int err = store_.apply(rec, t);
+  timespec mtime{0, -1};
+  int err = store_.apply(rec, t, &mtime);
   if (err) return err;
+  if (mtime.tv_nsec >= 0) {
+    // Replicas give the file the master's resulting mtime, not their own clock's.
+    rec.mtime = mtime;
+    rec.attr_valid |= kAttrStampMtime;
+  }
   rec.lsn = next_lsn_locked();
   for (RecordSink* s : sinks_) s->on_record(rec);
   last_lsn_.store(rec.lsn, std::memory_order_release);

@@ -45,6 +45,9 @@ enum AttrBits : uint32_t {
   kAttrMtime = 1u << 4,
   kAttrAtimeNow = 1u << 5,
   kAttrMtimeNow = 1u << 6,
+  // On write/truncate/fallocate/create/mkdir/symlink/mknod: after applying, give the file the
+  // master's resulting mtime (`mtime`), so replicas match the master's metadata exactly.
+  kAttrStampMtime = 1u << 7,
 };
 
 constexpr uint32_t kDataSync = 1;  // Op::fsync flag: fdatasync rather than fsync

@@ -53,10 +53,10 @@ void ReplicaState::set_applied(Lsn lsn) {
   write(false);
 }
 
-void ReplicaState::set_durable(Lsn lsn) {
+void ReplicaState::set_durable(Lsn lsn, bool sync) {
   durable_ = lsn;
   if (applied_ < lsn) applied_ = lsn;
-  write(true);
+  write(sync);
 }
 
 void ReplicaState::set_attach_complete(bool complete, Lsn lsn) {

@@ -23,8 +23,9 @@ class ReplicaState {
 
   // Written in place (one small pwrite): cheap enough for every batch.
   void set_applied(Lsn lsn);
-  // Written and synced: call only once the data up to `lsn` is durable.
-  void set_durable(Lsn lsn);
+  // Call only once the data up to `lsn` is durable. Unsynced, the note may be lost in a power
+  // failure and read back older, which is safe (it is a lower bound).
+  void set_durable(Lsn lsn, bool sync = true);
   void set_attach_complete(bool complete, Lsn lsn);
 
  private:

@@ -68,11 +68,37 @@ int Store::apply_created(const Record& rec, int parent_fd) {
   return 0;
 }
 
-int Store::apply(const Record& rec, const Targets& given) {
+bool Store::stamps_mtime(Op op) {
+  switch (op) {
+    case Op::write: case Op::truncate: case Op::fallocate: case Op::create: case Op::mkdir: case Op::symlink:
+      return true;
+    default:
+      return false;
+  }
+}
+
+int Store::apply(const Record& rec, const Targets& given, timespec* mtime_out) {
   Targets t;
   const bool data_op = rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate;
   if (int err = resolve(rec, given, t, data_op)) return err;
+  if (int err = apply_resolved(rec, t)) return err;
+  if (!stamps_mtime(rec.op)) return 0;
+  const bool created = !data_op;
+  if (mtime_out) {
+    struct stat st;
+    int rc = created ? fstatat(t.parent_fd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) : fstat(t.fd, &st);
+    if (rc == 0) *mtime_out = st.st_mtim;
+    return 0;
+  }
+  if (rec.attr_valid & kAttrStampMtime) {
+    const timespec ts[2] = {{0, UTIME_OMIT}, rec.mtime};
+    int rc = created ? utimensat(t.parent_fd, rec.name.c_str(), ts, AT_SYMLINK_NOFOLLOW) : futimens(t.fd, ts);
+    if (rc != 0) return errno;
+  }
+  return 0;
+}
 
+int Store::apply_resolved(const Record& rec, Targets& t) {
   switch (rec.op) {
     case Op::write:
       return write_all(t.fd, rec.data.data(), rec.data.size(), rec.offset);

@@ -26,7 +26,9 @@ class Store {
   void set_track_files(bool on) { track_files_ = on; }
 
   // Applies one record. Returns 0 or an errno (the backing file system's answer).
-  int apply(const Record& rec, const Targets& given = {});
+  // With `mtime_out`, a record that changes a file's data or creates an entry reports the
+  // resulting mtime there (the master stamps it into the record; see kAttrStampMtime).
+  int apply(const Record& rec, const Targets& given = {}, timespec* mtime_out = nullptr);
 
   // Applies a record that may already be reflected in the directory: during a full copy taken
   // while the master kept writing, and after a restart that re-receives records applied before
@@ -44,6 +46,8 @@ class Store {
  private:
   int resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw);
   int apply_created(const Record& rec, int parent_fd);
+  int apply_resolved(const Record& rec, Targets& t);
+  static bool stamps_mtime(Op op);
   FileId entry_fid(FileId dir, const std::string& name);
 
   int root_fd_;

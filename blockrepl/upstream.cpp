@@ -76,8 +76,8 @@ Upstream::Upstream(Node& node, Journal& journal, UpstreamConfig cfg) : node_(nod
 
 Upstream::~Upstream() { stop(); }
 
-void Upstream::start() {
-  listen_fd_ = listen_on(cfg_.listen_address);
+void Upstream::start(int listen_fd) {
+  listen_fd_ = listen_fd;
   accept_thread_ = std::thread([this] { accept_loop(); });
   LOG_INFO("serving slaves on %s (ack %s)", cfg_.listen_address.c_str(), ack_level_name(cfg_.ack));
 }
@@ -155,8 +155,8 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       throw Error(reason);
     };
     if (hello.getProtocolVersion() != kProtocolVersion)
-      refuse("protocol version mismatch: slave speaks " + std::to_string(hello.getProtocolVersion()) + ", " +
-             node_.data_path() + " speaks " + std::to_string(kProtocolVersion));
+      refuse("protocol version mismatch: slave speaks " + std::to_string(hello.getProtocolVersion()) +
+             ", master speaks " + std::to_string(kProtocolVersion));
     if (hello.getBlockSize() != me.block_size)
       refuse("block size mismatch: slave uses " + std::to_string(hello.getBlockSize()) + ", master uses " +
              std::to_string(me.block_size));
@@ -201,6 +201,7 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       set_lineage(w.initLineage(static_cast<unsigned>(me.lineage.size())), me.lineage);
       w.setMethod(method);
       w.setStartLsn(start_lsn);
+      w.setLastLsn(node_.last_lsn());
       conn.send(mb);
     }
     LOG_INFO("slave %s (node %s) attaching by %s from lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(),

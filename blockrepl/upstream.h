@@ -48,8 +48,8 @@ class Upstream {
   Upstream(const Upstream&) = delete;
   Upstream& operator=(const Upstream&) = delete;
 
-  // Binds the listen address (throws Error, e.g. when the port is in use) and starts accepting.
-  void start();
+  // Starts accepting on a socket from listen_on() (which refuses a port in use).
+  void start(int listen_fd);
   void stop();
 
   // Waits until the slaves the ack level names hold `lsn` (received or durable); drops slaves

@@ -70,6 +70,7 @@ std::unique_ptr<Connection> accept_from(int listen_fd);
 
 // Record <-> wire form. from_wire validates every field a peer controls and throws Error.
 void to_wire(const Record& rec, wire::Record::Builder out);
-Record from_wire(wire::Record::Reader in);
+// With view_data, the record's data points into the message (which must outlive the record).
+Record from_wire(wire::Record::Reader in, bool view_data = false);
 
 }  // namespace blockrepl

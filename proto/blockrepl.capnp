@@ -66,6 +66,8 @@ struct Welcome {
   lineage @4 :List(LineageEntry);
   method @5 :AttachMethod;
   startLsn @6 :UInt64;       # records that follow start after this LSN
+  lastLsn @7 :UInt64;        # the master's last LSN now: a re-attaching slave may already hold
+                             # some of the records up to here, and applies them tolerantly
 }
 
 # One change. Field meanings follow blockrepl/record.h.

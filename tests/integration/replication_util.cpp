@@ -342,7 +342,6 @@ std::string sync_and_wait(const std::string& master_mnt, const std::vector<std::
     } catch (const std::exception& e) {
       return e.what();
     }
-    bool all = true;
     for (auto& s : slave_mnts) {
       std::string e = wait_durable(s, lsn, remaining(deadline));
       if (!e.empty()) return e;
@@ -353,7 +352,7 @@ std::string sync_and_wait(const std::string& master_mnt, const std::vector<std::
     } catch (const std::exception& e) {
       return e.what();
     }
-    if (again == lsn && all) return "";
+    if (again == lsn) return "";
     last = "master lsn moved from " + std::to_string(lsn) + " to " + std::to_string(again) + " while waiting";
     if (Clock::now() >= deadline) return last + " (gave up after " + std::to_string(round + 1) + " rounds)";
   }

@@ -22,9 +22,11 @@
 #include "blockrepl/follower.h"
 #include "blockrepl/journal.h"
 #include "blockrepl/upstream.h"
+#include "blockrepl/wire.h"
 #include "fs/filesystem.h"
 #include <nlohmann/json.hpp>
 #include <atomic>
+#include <malloc.h>
 #include "tools/cli/daemon.h"
 #include "tools/cli/mount_checks.h"
 
@@ -220,12 +222,19 @@ int run_mount(const MountOptions& opts) {
   umask(0);  // modes come from the application (the kernel already applied its umask)
   raise_fd_limit();
   signal(SIGPIPE, SIG_IGN);
+  // Records and frames of up to a few MiB are allocated and freed all the time: keep them on
+  // the heap for reuse instead of an mmap + page faults + zeroing for every one.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
   int lock_fd = -1;
   Daemon d;
   d.mountpoint = mnt_abs;
   d.ack = ack;
   d.no_fsync = opts.no_fsync;
+  int listen_fd = -1;
   try {
+    // A port in use is refused before anything is written to the data directory.
+    if (!opts.listen.empty()) listen_fd = listen_on(opts.listen);
     lock_fd = lock_data_dir(data_abs);
     d.node = std::make_unique<Node>(data_abs);
     const Identity id = d.node->identity();
@@ -264,6 +273,16 @@ int run_mount(const MountOptions& opts) {
       if (!d.follower->has_data()) {
         LOG_INFO("replica %s is empty: attaching to %s", data_abs.c_str(), opts.master.c_str());
         d.follower->attach_now();
+      } else {
+        // A replica with data is served even while its master is unreachable, but a master
+        // that refuses it (another cluster, diverged) is an error the operator must see now.
+        try {
+          d.follower->attach_now();
+        } catch (const FatalAttachError&) {
+          throw;
+        } catch (const std::exception& e) {
+          LOG_WARN("%s; serving the replica and retrying in the background", e.what());
+        }
       }
     }
     if (d.journal) {
@@ -278,7 +297,8 @@ int run_mount(const MountOptions& opts) {
       uc.min_sync_slaves = opts.min_sync_slaves;
       uc.assign_ids = !slave;
       d.upstream = std::make_unique<Upstream>(*d.node, *d.journal, uc);
-      d.upstream->start();
+      d.upstream->start(listen_fd);
+      listen_fd = -1;
       if (!slave) d.node->set_barrier_waiter([u = d.upstream.get()](Lsn lsn) { return u->wait_barrier(lsn); });
     }
     d.filesystem = std::make_unique<fs::Filesystem>(*d.node, cfg);
@@ -288,6 +308,7 @@ int run_mount(const MountOptions& opts) {
     });
     d.filesystem->mount();
   } catch (const std::exception& e) {
+    if (listen_fd >= 0) close(listen_fd);
     readiness.failed(e.what());
     return 1;
   }
