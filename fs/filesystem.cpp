@@ -2,8 +2,13 @@
 #include "fs/filesystem.h"
 
 #include <fuse_lowlevel.h>
+#include <linux/fuse.h>
+#include <cstddef>
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <cerrno>
 #include <cstring>
 #include <dirent.h>
@@ -32,6 +37,43 @@ struct Filesystem::Impl : public CacheInvalidator {
   InodeTable inodes;
   std::atomic<fuse_session*> se{nullptr};
   explicit Impl(Node& n, MountConfig& c) : node(n), cfg(c) {}
+  ~Impl() { stop_deferred(); }
+
+  // Attribute invalidations the daemon owes the kernel for changes it made on its own (set-id
+  // bits dropped on write). Sent from a separate thread: never from inside an operation.
+  std::mutex deferred_mu;
+  std::condition_variable deferred_cv;
+  std::vector<fuse_ino_t> deferred;
+  bool deferred_stop = false;
+  std::thread deferred_thread;
+
+  void defer_attr_invalidation(fuse_ino_t ino) {
+    std::lock_guard lk(deferred_mu);
+    if (!deferred_thread.joinable()) deferred_thread = std::thread([this] { run_deferred(); });
+    deferred.push_back(ino);
+    deferred_cv.notify_one();
+  }
+  void run_deferred() {
+    std::unique_lock lk(deferred_mu);
+    for (;;) {
+      deferred_cv.wait(lk, [&] { return deferred_stop || !deferred.empty(); });
+      if (deferred_stop) return;
+      auto batch = std::move(deferred);
+      deferred.clear();
+      lk.unlock();
+      for (fuse_ino_t ino : batch)
+        if (fuse_session* s = se.load()) fuse_lowlevel_notify_inval_inode(s, ino, -1, 0);
+      lk.lock();
+    }
+  }
+  void stop_deferred() {
+    {
+      std::lock_guard lk(deferred_mu);
+      deferred_stop = true;
+      deferred_cv.notify_one();
+    }
+    if (deferred_thread.joinable()) deferred_thread.join();
+  }
 
   // The kernel's inode number for a file id, or 0 if the kernel does not know the file.
   fuse_ino_t ino_for(FileId fid) {
@@ -161,6 +203,7 @@ int do_lookup(Impl& fs, fuse_ino_t parent, const char* name, fuse_entry_param* e
   }
   bool fresh = false;
   Inode* inode = fs.inodes.acquire(fd, e->attr, &fresh);
+  inode->mode.store(e->attr.st_mode, std::memory_order_relaxed);
   ensure_file_id(fs, *inode, dir.fd, name);
   e->ino = ino_of(fs, inode);
   return 0;
@@ -223,6 +266,9 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
   // Truncation on open arrives as a setattr, so it becomes a truncate record like any other.
   conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
+  // Only this daemon changes the files (a slave invalidates explicitly what it applies), so the
+  // kernel need not re-check attributes before every cached read.
+  conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
   // Locks stay in the kernel, local to this host (we implement neither getlk/setlk nor flock).
   conn->want &= ~(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS);
   conn->max_write = 1u << 20;
@@ -260,7 +306,9 @@ void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
 
 void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   struct stat st;
-  if (int err = stat_inode(inode_of(req, ino).fd, &st)) return (void)fuse_reply_err(req, err);
+  Inode& inode = inode_of(req, ino);
+  if (int err = stat_inode(inode.fd, &st)) return (void)fuse_reply_err(req, err);
+  inode.mode.store(st.st_mode, std::memory_order_relaxed);
   fuse_reply_attr(req, &st, impl_of(req).cfg.timeout);
 }
 
@@ -481,9 +529,45 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
 
+// We negotiate FUSE_HANDLE_KILLPRIV_V2 (see kill_priv_io below), so the kernel no longer asks for
+// security.capability before every write, and dropping privileges on write is our job: a written
+// file loses its set-user-id bit, its set-group-id bit (when group-executable) and its file
+// capabilities, like on a local file system written by an unprivileged user.
+int drop_privileges_on_write(Impl& fs, Inode& inode, fuse_ino_t ino) {
+  const uint32_t mode = inode.mode.load(std::memory_order_relaxed);
+  uint32_t kill = mode & S_ISUID;
+  if ((mode & S_ISGID) && (mode & S_IXGRP)) kill |= S_ISGID;
+  if (kill) {
+    Record rec;
+    rec.op = Op::setattr;
+    rec.fid = inode.fid;
+    rec.attr_valid = kAttrMode;
+    rec.mode = mode & ~kill;
+    Targets t;
+    t.path_fd = inode.fd;
+    if (int err = fs.node.submit(rec, t)) return err;
+    inode.mode.store(rec.mode, std::memory_order_relaxed);
+    fs.defer_attr_invalidation(ino);  // the kernel still caches the old mode
+  }
+  if (!inode.known_no_caps.load(std::memory_order_relaxed)) {
+    if (getxattr(fd_path(inode.fd).c_str(), kCapsXattr, nullptr, 0) >= 0) {
+      Record rec;
+      rec.op = Op::removexattr;
+      rec.fid = inode.fid;
+      rec.name = kCapsXattr;
+      Targets t;
+      t.path_fd = inode.fd;
+      if (int err = fs.node.submit(rec, t)) return err;
+    }
+    inode.known_no_caps.store(true, std::memory_order_relaxed);
+  }
+  return 0;
+}
+
 void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off, fuse_file_info* fi) {
   if (refuse_if_read_only(req)) return;
   Impl& fs = impl_of(req);
+  if (int err = drop_privileges_on_write(fs, inode_of(req, ino), ino)) return (void)fuse_reply_err(req, err);
   Record rec;
   rec.op = Op::write;
   rec.fid = inode_of(req, ino).fid;
@@ -737,6 +821,30 @@ void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
   fuse_reply_err(req, impl_of(req).node.submit(rec, t));
 }
 
+// libfuse 3.14 cannot negotiate FUSE_HANDLE_KILLPRIV_V2, without which the kernel asks for
+// security.capability (a full round trip) before every write. Our I/O hook adds the flag to the
+// INIT reply, the first message the daemon sends; everything else passes through untouched.
+std::atomic<bool> g_init_patched{false};
+
+ssize_t kill_priv_writev(int fd, struct iovec* iov, int count, void*) {
+  if (!g_init_patched.load(std::memory_order_acquire) && count >= 2 && iov[0].iov_len == sizeof(fuse_out_header) &&
+      iov[1].iov_len >= offsetof(fuse_init_out, flags) + sizeof(uint32_t)) {
+    g_init_patched.store(true, std::memory_order_release);
+    auto* hdr = static_cast<fuse_out_header*>(iov[0].iov_base);
+    if (hdr->error == 0) {
+      std::vector<char> arg(static_cast<char*>(iov[1].iov_base), static_cast<char*>(iov[1].iov_base) + iov[1].iov_len);
+      auto* init = reinterpret_cast<fuse_init_out*>(arg.data());
+      init->flags |= FUSE_HANDLE_KILLPRIV_V2;
+      std::vector<struct iovec> copy(iov, iov + count);
+      copy[1].iov_base = arg.data();
+      return writev(fd, copy.data(), count);
+    }
+  }
+  return writev(fd, iov, count);
+}
+
+ssize_t plain_read(int fd, void* buf, size_t len, void*) { return read(fd, buf, len); }
+
 fuse_lowlevel_ops make_ops() {
   fuse_lowlevel_ops ops{};
   ops.init = op_init;
@@ -815,6 +923,12 @@ void Filesystem::mount() {
     throw Error("cannot mount " + cfg_.mountpoint + " (is /dev/fuse available and are you root?)");
   mounted_ = true;
   impl_->se = se_;
+  if (!cfg_.read_only) {
+    static const fuse_custom_io io = {kill_priv_writev, plain_read, nullptr, nullptr};
+    g_init_patched = false;
+    if (fuse_session_custom_io(se_, &io, fuse_session_fd(se_)) != 0)
+      LOG_WARN("cannot hook the FUSE channel; writes will ask for security.capability each time");
+  }
 }
 
 int Filesystem::serve() {
@@ -824,6 +938,7 @@ int Filesystem::serve() {
   fuse_loop_cfg_set_idle_threads(lc, 4);
   int rc = fuse_session_loop_mt(se_, lc);
   fuse_loop_cfg_destroy(lc);
+  impl_->stop_deferred();
   impl_->se = nullptr;
   if (mounted_) {
     fuse_session_unmount(se_);

@@ -29,6 +29,7 @@ Inode* InodeTable::acquire(int fd, const struct stat& st, bool* fresh) {
   inode->src_dev = st.st_dev;
   inode->src_ino = st.st_ino;
   inode->type = st.st_mode & S_IFMT;
+  inode->mode = st.st_mode;
   inode->nlookup = 1;
   Inode* raw = inode.get();
   inodes_.emplace(key, std::move(inode));

@@ -18,6 +18,7 @@ struct Inode {
   dev_t src_dev = 0;
   ino_t src_ino = 0;
   mode_t type = 0;  // S_IFMT bits
+  std::atomic<uint32_t> mode{0};  // last known st_mode (to drop set-id bits on write ourselves)
   std::atomic<FileId> fid{kInvalidFileId};
   uint64_t nlookup = 0;  // guarded by InodeTable's mutex
   // The kernel asks for security.capability before every write (to drop privileges); caching

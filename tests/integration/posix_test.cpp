@@ -1392,3 +1392,41 @@ TEST_F(PosixFs, OtherUsersWithKernelPermissionChecks) {
 
 }  // namespace
 }  // namespace blockrepl::test
+
+namespace blockrepl::test {
+namespace {
+
+// We negotiate FUSE_HANDLE_KILLPRIV_V2, so dropping set-id bits on a write is the daemon's job;
+// the kernel's cached attributes must show it too.
+TEST_F(PosixFs, WriteByAnotherUserDropsSetUidAndSetGid) {
+  const std::string f = m("setid");
+  // Other users must be able to reach the file (mkdtemp made the temporary directory 0700).
+  ASSERT_EQ(chmod(tmp_->path().c_str(), 0755), 0);
+  write_file(f, "x");
+  ASSERT_EQ(chown(f.c_str(), 1234, 1234), 0);
+  ASSERT_EQ(chmod(f.c_str(), 06777), 0);
+  ASSERT_EQ(stat_of(f).st_mode & 07777, 06777u);
+  std::string r = in_child([&]() -> std::string {
+    if (auto e = become(4321, 4321); !e.empty()) return e;
+    int fd = open(f.c_str(), O_WRONLY | O_APPEND);
+    if (fd < 0) return "open: " + errname(errno);
+    if (write(fd, "y", 1) != 1) return "write: " + errname(errno);
+    if (fsync(fd) != 0) return "fsync: " + errname(errno);
+    close(fd);
+    return "";
+  });
+  ASSERT_EQ(r, "");
+  EXPECT_EQ(stat_of(b("setid")).st_mode & 07777, 0777u) << "backing file kept its set-id bits after a write";
+  // The invalidation is sent from another thread: allow it a moment.
+  mode_t seen = 0;
+  for (int i = 0; i < 100; i++) {
+    seen = stat_of(f).st_mode & 07777;
+    if (seen == 0777) break;
+    usleep(10000);
+  }
+  EXPECT_EQ(seen, 0777u) << "the mount still shows the set-id bits after a write by another user";
+  EXPECT_EQ(read_file(f), "xy");
+}
+
+}  // namespace
+}  // namespace blockrepl::test

@@ -1,6 +1,8 @@
 #include "tools/cli/mount_checks.h"
 
 #include <cerrno>
+#include <cstdio>
+#include <utility>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -29,7 +31,7 @@ std::string unescape(const std::string& s) {
 }
 
 struct MountEntry {
-  std::string mountpoint, fstype, source;
+  std::string mountpoint, fstype, source, devno;
 };
 
 std::optional<MountEntry> find_mount(const std::string& path) {
@@ -45,6 +47,7 @@ std::optional<MountEntry> find_mount(const std::string& path) {
     while (ls >> tok && tok != "-") {}
     MountEntry e;
     e.mountpoint = path;
+    e.devno = devno;
     ls >> e.fstype >> e.source;
     e.source = unescape(e.source);
     found = e;  // the last entry is the one on top
@@ -76,6 +79,21 @@ std::optional<std::string> check_dir(const std::string& path, const char* what, 
 }  // namespace
 
 bool is_mount_point(const std::string& path) { return find_mount(path).has_value(); }
+
+void lift_fuse_writeback_limit(const std::string& mountpoint_abs) {
+  auto m = find_mount(mountpoint_abs);
+  if (!m || m->devno.empty()) return;
+  // The kernel gives every FUSE mount a strict 1% share of the dirty-page budget, which throttles
+  // sequential writers long before the disk is busy. This daemon is trusted (root) and flushes
+  // promptly, so let the mount's writeback behave like the backing file system's.
+  const std::string bdi = "/sys/class/bdi/" + m->devno + "/";
+  for (auto [file, value] : {std::pair{"strict_limit", "0"}, std::pair{"max_ratio", "100"}}) {
+    if (FILE* f = fopen((bdi + file).c_str(), "w")) {
+      fputs(value, f);
+      fclose(f);
+    }
+  }
+}
 
 std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs) {
   auto m = find_mount(mountpoint_abs);

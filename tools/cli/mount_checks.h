@@ -11,6 +11,9 @@ namespace blockrepl::cli {
 std::optional<std::string> check_mount_paths(const std::string& data, const std::string& mountpoint,
                                              std::string* data_abs, std::string* mountpoint_abs);
 
+// Raises the kernel's dirty-page limits for the FUSE mount at `mountpoint_abs` (best effort).
+void lift_fuse_writeback_limit(const std::string& mountpoint_abs);
+
 // Whether `path` (canonical) is a mount point according to /proc/self/mountinfo.
 bool is_mount_point(const std::string& path);
 // For a blockrepl mount: the backing directory from its fsname ("blockrepl:/srv/db"); nullopt if

@@ -307,6 +307,7 @@ int run_mount(const MountOptions& opts) {
       return std::string("{\"error\":\"unknown request\"}");
     });
     d.filesystem->mount();
+    if (!slave) lift_fuse_writeback_limit(mnt_abs);
   } catch (const std::exception& e) {
     if (listen_fd >= 0) close(listen_fd);
     readiness.failed(e.what());
