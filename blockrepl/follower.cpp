@@ -171,6 +171,7 @@ void Follower::handshake(Connection& conn) {
     status_.current_attach = AttachReport{};
   }
   const Lsn start = w.getStartLsn();
+  master_ack_ = static_cast<AckLevel>(static_cast<int>(w.getAckLevel()));
   const uint64_t bytes_before = conn.bytes_received();
   if (w.getMethod() == wire::AttachMethod::FULL) {
     method_ = "full";
@@ -338,16 +339,20 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch) {
     std::lock_guard lk(status_mu_);
     status_.received_lsn = last_lsn_;
   }
+  // Acknowledgements matter to the master at barriers (and heartbeats, for status); a batch of
+  // plain writes needs none, which saves a wake-up on both sides per commit.
+  bool ack = last_barrier != 0;
   if (last_barrier) {
-    send_ack(conn);  // "received" first: a master in recv mode need not wait for our disk
+    if (master_ack_ == AckLevel::recv) send_ack(conn);  // received, before our disk: all recv waits for
     make_durable(last_barrier);
   } else if (!state_.attach_complete() && last_lsn_ >= complete_at_) {
     // A full copy is consistent once the records up to copy-done are applied: make it durable
     // right away rather than waiting for the application's next barrier.
     make_durable(last_lsn_);
+    ack = true;
   }
   state_.set_applied(last_lsn_);
-  send_ack(conn);
+  if (ack) send_ack(conn);
 }
 
 void Follower::make_durable(Lsn lsn) {

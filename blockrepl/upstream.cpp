@@ -132,6 +132,7 @@ void Upstream::drop(Session& s, const std::string& why) {
     LOG_WARN("slave %s (%s) dropped: %s", s.conn->peer().c_str(), s.node_id.c_str(), why.c_str());
     s.conn->shutdown();
   }
+  { std::lock_guard lk(mu_); }  // see read_acks: no lost wake-ups for waiting barriers
   ack_cv_.notify_all();
 }
 
@@ -202,6 +203,7 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       w.setMethod(method);
       w.setStartLsn(start_lsn);
       w.setLastLsn(node_.last_lsn());
+      w.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(s.level)));
       conn.send(mb);
     }
     LOG_INFO("slave %s (node %s) attaching by %s from lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(),
@@ -219,7 +221,10 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       LOG_INFO("slave %s: full copy sent (%" PRIu64 " files, %" PRIu64 " bytes)", conn.peer().c_str(), st.files, st.bytes);
     }
     ack_thread = std::thread([this, sp] { read_acks(sp); });
-    s.streaming = true;
+    {
+      std::lock_guard lk(mu_);
+      s.streaming = true;
+    }
     ack_cv_.notify_all();
     stream(s, reader);
   } catch (const std::exception& e) {
@@ -273,8 +278,12 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
           auto ack = msg.getAck();
           Lsn r = ack.getReceivedLsn(), d = ack.getDurableLsn();
           if (r > s.sent.load() || d > r) throw Error("it acknowledged records it was never sent", EPROTO);
-          if (r > s.received) s.received = r;
-          if (d > s.durable) s.durable = d;
+          {
+            // Under the lock, so a barrier between its check and its wait cannot miss this.
+            std::lock_guard lk(mu_);
+            if (r > s.received) s.received = r;
+            if (d > s.durable) s.durable = d;
+          }
           ack_cv_.notify_all();
           break;
         }

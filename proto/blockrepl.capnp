@@ -68,6 +68,7 @@ struct Welcome {
   startLsn @6 :UInt64;       # records that follow start after this LSN
   lastLsn @7 :UInt64;        # the master's last LSN now: a re-attaching slave may already hold
                              # some of the records up to here, and applies them tolerantly
+  ackLevel @8 :AckLevel;     # what the master will wait for from this slave
 }
 
 # One change. Field meanings follow blockrepl/record.h.
