@@ -352,7 +352,8 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch) {
     ack = true;
   }
   state_.set_applied(last_lsn_);
-  if (ack) send_ack(conn);
+  // ... but the master hears from us at least twice a second, or it presumes us dead.
+  if (ack || std::chrono::steady_clock::now() - last_ack_at_ >= std::chrono::milliseconds(500)) send_ack(conn);
 }
 
 void Follower::make_durable(Lsn lsn) {
@@ -387,6 +388,7 @@ void Follower::make_durable(Lsn lsn) {
 }
 
 void Follower::send_ack(Connection& conn) {
+  last_ack_at_ = std::chrono::steady_clock::now();
   capnp::MallocMessageBuilder mb;
   auto ack = mb.initRoot<wire::Message>().initAck();
   ack.setReceivedLsn(last_lsn_);

@@ -107,6 +107,7 @@ class Follower {
   std::unordered_set<FileId> dirty_files_;
   bool dirty_namespace_ = false;
   std::chrono::steady_clock::time_point state_synced_at_{};
+  std::chrono::steady_clock::time_point last_ack_at_{};
 
   std::mutex status_mu_;
   FollowerStatus status_;
