@@ -77,7 +77,8 @@ class Node {
   Store store_;
   std::mutex order_mu_;
   std::atomic<Lsn> last_lsn_{0};
-  std::vector<RecordSink*> sinks_;
+  std::vector<RecordSink*> sinks_;  // add sinks before serving: see submit()
+  std::atomic<bool> has_sinks_{false};
   std::function<int(Lsn)> barrier_waiter_;
   // LSNs are reserved on disk in chunks so that a restarted node never reuses one, without a
   // disk write per record.
