@@ -17,23 +17,10 @@
 #include <vector>
 
 #include "blockrepl/file_id.h"
+#include "temp_dir.h"
 
 namespace blockrepl {
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/var/tmp/blockrepl-fid-test-XXXXXX";
-    char* p = mkdtemp(tmpl);
-    if (!p) throw std::runtime_error(std::string("mkdtemp: ") + strerror(errno));
-    path = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
 
 class FileIdTest : public ::testing::Test {
  protected:

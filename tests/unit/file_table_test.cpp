@@ -20,23 +20,10 @@
 #include "blockrepl/metadata.h"
 #include "blockrepl/record.h"
 #include "blockrepl/store.h"
+#include "temp_dir.h"
 
 namespace blockrepl {
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/var/tmp/blockrepl-ftable-test-XXXXXX";
-    char* p = mkdtemp(tmpl);
-    if (!p) throw std::runtime_error(std::string("mkdtemp: ") + strerror(errno));
-    path = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
 
 std::string slurp(const std::string& path) {
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);

@@ -15,23 +15,10 @@
 
 #include "blockrepl/error.h"
 #include "blockrepl/metadata.h"
+#include "temp_dir.h"
 
 namespace blockrepl {
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/var/tmp/blockrepl-meta-test-XXXXXX";
-    char* p = mkdtemp(tmpl);
-    if (!p) throw std::runtime_error(std::string("mkdtemp: ") + strerror(errno));
-    path = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
 
 void spit(const std::string& path, const std::string& content) {
   int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);

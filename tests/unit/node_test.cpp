@@ -20,23 +20,10 @@
 #include "blockrepl/file_id.h"
 #include "blockrepl/metadata.h"
 #include "blockrepl/node.h"
+#include "temp_dir.h"
 
 namespace blockrepl {
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/var/tmp/blockrepl-node-test-XXXXXX";
-    char* p = mkdtemp(tmpl);
-    if (!p) throw std::runtime_error(std::string("mkdtemp: ") + strerror(errno));
-    path = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
 
 int count_fds() {
   int n = 0;

@@ -31,25 +31,12 @@
 #include "blockrepl/metadata.h"
 #include "blockrepl/record.h"
 #include "blockrepl/store.h"
+#include "temp_dir.h"
 
 namespace blockrepl {
 namespace {
 
 // ---- helpers --------------------------------------------------------------------------------
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/var/tmp/blockrepl-store-test-XXXXXX";
-    char* p = mkdtemp(tmpl);
-    if (!p) throw std::runtime_error(std::string("mkdtemp: ") + strerror(errno));
-    path = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
 
 bool exists(const std::string& path) {
   struct stat st;
