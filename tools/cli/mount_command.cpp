@@ -252,7 +252,7 @@ int run_mount(const MountOptions& opts) {
       });
     }
     if (slave && id.role == "master")
-      throw Error(data_abs + " holds a master's volume; mounting it as a slave would discard its history (issue: re-join needs --discard-my-data)");
+      throw Error(data_abs + " holds a master's volume: mounting it as a slave would discard its history (re-joining a former master is not supported yet)");
     if (!opts.listen.empty() || slave) {
       d.journal = std::make_unique<Journal>(journal_bytes, 64u << 20, ack_timeout);
     }
