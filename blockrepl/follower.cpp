@@ -220,6 +220,11 @@ void Follower::handshake(Connection& conn) {
     status_.has_last_attach = true;
     status_.received_lsn = last_lsn_;
   }
+  // An attach ends once we hold what the master had when we connected: until then, what
+  // arrives counts towards it (a stream's catch-up happens after the handshake).
+  catchup_target_ = w.getLastLsn();
+  catchup_bytes_start_ = bytes_before;
+  catching_up_ = last_lsn_ < catchup_target_;
   LOG_INFO("attached to %s by %s (%" PRIu64 " bytes, %.2f s), streaming from lsn %" PRIu64, cfg_.master_address.c_str(),
            method_.c_str(), report.bytes_received, report.seconds, start);
   if (method_ == "full") {

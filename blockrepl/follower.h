@@ -101,6 +101,9 @@ class Follower {
   // Session state.
   std::string method_;
   AckLevel master_ack_ = AckLevel::sync;  // what the master waits for from us
+  Lsn catchup_target_ = 0;                // the master's LSN when we attached
+  uint64_t catchup_bytes_start_ = 0;
+  bool catching_up_ = false;
   Lsn replay_until_ = 0;  // records up to here may already be reflected: apply tolerantly
   Lsn complete_at_ = 0;   // the replica is consistent once a barrier at or past this is durable
   Lsn last_lsn_ = 0;
