@@ -343,6 +343,13 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch) {
   {
     std::lock_guard lk(status_mu_);
     status_.received_lsn = last_lsn_;
+    if (catching_up_) {
+      const uint32_t bs = node_.identity().block_size;
+      for (auto wr : batch.getRecords()) status_.last_attach.blocks_received += (wr.getData().size() + bs - 1) / bs;
+      status_.last_attach.bytes_received = conn.bytes_received() - catchup_bytes_start_;
+      status_.last_attach.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - attach_started_).count();
+      if (last_lsn_ >= catchup_target_) catching_up_ = false;
+    }
   }
   // Acknowledgements matter to the master at barriers (and heartbeats, for status); a batch of
   // plain writes needs none, which saves a wake-up on both sides per commit.
