@@ -26,6 +26,8 @@
 #include "fs/filesystem.h"
 #include <nlohmann/json.hpp>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <malloc.h>
 #include "tools/cli/daemon.h"
 #include "tools/cli/mount_checks.h"
@@ -130,6 +132,44 @@ struct Daemon {
   AckLevel ack = AckLevel::sync;
   bool no_fsync = false;
   std::atomic<int> exit_code{0};
+};
+
+// A progress line on the terminal while a foreground mount takes its first copy (it can take a
+// while for a large volume); nothing when stderr is not a terminal.
+class AttachProgress {
+ public:
+  AttachProgress(Follower& follower, bool enabled, const std::string& master) : follower_(follower), master_(master) {
+    if (enabled) thread_ = std::thread([this] { run(); });
+  }
+  ~AttachProgress() {
+    if (!thread_.joinable()) return;
+    {
+      std::lock_guard lk(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    fprintf(stderr, "\n");
+  }
+
+ private:
+  void run() {
+    std::unique_lock lk(mu_);
+    while (!cv_.wait_for(lk, std::chrono::milliseconds(250), [&] { return done_; })) {
+      FollowerStatus st = follower_.status();
+      const double mib = static_cast<double>(st.current_attach.bytes_received) / (1 << 20);
+      const double secs = st.current_attach.seconds > 0 ? st.current_attach.seconds : 1e-9;
+      fprintf(stderr, "\rattaching to %s: %8.1f MiB, %6llu files, %7.1f MiB/s, %5.1f s ", master_.c_str(), mib,
+              static_cast<unsigned long long>(st.current_attach.files_received), mib / secs, st.current_attach.seconds);
+      fflush(stderr);
+    }
+  }
+  Follower& follower_;
+  std::string master_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
 };
 
 nlohmann::json status_json(Daemon& d) {
@@ -272,6 +312,7 @@ int run_mount(const MountOptions& opts) {
       d.follower = std::make_unique<Follower>(*d.node, fc);
       if (!d.follower->has_data()) {
         LOG_INFO("replica %s is empty: attaching to %s", data_abs.c_str(), opts.master.c_str());
+        AttachProgress progress(*d.follower, opts.foreground && isatty(STDERR_FILENO), opts.master);
         d.follower->attach_now();
       } else {
         // A replica with data is served even while its master is unreachable, but a master
