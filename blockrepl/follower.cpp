@@ -67,7 +67,7 @@ void Follower::run() {
   auto backoff = std::chrono::milliseconds(200);
   while (!stopping_) {
     try {
-      session(false);
+      session();
       backoff = std::chrono::milliseconds(200);
     } catch (const FatalAttachError& e) {
       LOG_ERROR("master %s refused this replica: %s", cfg_.master_address.c_str(), e.what());
@@ -98,7 +98,7 @@ void Follower::run() {
   }
 }
 
-void Follower::session(bool /*unused*/) {
+void Follower::session() {
   std::unique_ptr<Connection> conn = std::move(first_conn_);
   const bool fresh = !conn;
   if (fresh) conn = connect_to(cfg_.master_address, 5000);

@@ -79,7 +79,7 @@ class Follower {
 
  private:
   void run();
-  void session(bool first);
+  void session();  // connect (unless attach_now() left a connection), then stream until it breaks
   void handshake(Connection& conn);
   void receive_copy(Connection& conn);
   void stream(Connection& conn);

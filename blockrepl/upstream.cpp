@@ -182,8 +182,8 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       start_lsn = their_lsn;
     } else {
       if (!empty)
-        LOG_WARN("slave %s at lsn %" PRIu64 " cannot stream (journal holds %" PRIu64 "..%" PRIu64 "): full copy", conn.peer().c_str(),
-                 their_lsn, journal_.covers(their_lsn) ? their_lsn : 0, journal_.last_lsn());
+        LOG_WARN("slave %s at lsn %" PRIu64 " cannot stream (not on our history, or older than the journal; master at %" PRIu64
+                 "): full copy", conn.peer().c_str(), their_lsn, journal_.last_lsn());
       method = wire::AttachMethod::FULL;
       // Hold every record from here on for the slave, then copy the tree as it is.
       start_lsn = node_.last_lsn();
