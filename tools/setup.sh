@@ -19,7 +19,7 @@ packages=(
   fio sqlite3 libsqlite3-dev                 # I/O and database benchmarks, SQLite tests
   postgresql postgresql-contrib              # pgbench and PostgreSQL tests
   rsync                                      # re-attach benchmark baseline
-  procps psmisc util-linux                   # pkill/fuser/mountpoint used by tests and scripts
+  procps psmisc util-linux iproute2          # pkill, fuser, mountpoint, runuser, ss (tests cut connections)
 )
 missing=()
 for p in "${packages[@]}"; do
