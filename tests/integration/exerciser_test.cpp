@@ -53,16 +53,6 @@ constexpr size_t kMaxNamesPerThread = 10;
 constexpr size_t kMaxOpenPerThread = 6;
 constexpr size_t kPage = 4096;
 
-std::string errname(int e) {
-  const char* n = strerrorname_np(e);
-  return std::string(n ? n : "E?") + " (" + strerror(e) + ")";
-}
-
-[[noreturn]] void fail_sys(const std::string& what) {
-  int e = errno;
-  throw std::runtime_error(what + " failed: " + errname(e));
-}
-
 long first_diff(const std::string& a, const std::string& b) {
   size_t n = std::min(a.size(), b.size());
   for (size_t i = 0; i < n; i++)
@@ -130,24 +120,6 @@ void fsync_path(const std::string& path) {
   }
 }
 
-std::set<std::string> list_dir(const std::string& p) {
-  DIR* d = opendir(p.c_str());
-  if (!d) fail_sys("opendir(" + p + ")");
-  std::set<std::string> names;
-  errno = 0;
-  while (dirent* e = readdir(d)) {
-    std::string n = e->d_name;
-    if (n != "." && n != "..") names.insert(n);
-    errno = 0;
-  }
-  int e = errno;
-  closedir(d);
-  if (e) {
-    errno = e;
-    fail_sys("readdir(" + p + ")");
-  }
-  return names;
-}
 
 std::string set_str(const std::set<std::string>& s) {
   std::string out;

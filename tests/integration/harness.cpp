@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cerrno>
+#include <dirent.h>
 #include <chrono>
 #include <climits>
 #include <cstdlib>
@@ -155,6 +156,35 @@ void write_file(const std::string& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) throw std::runtime_error("cannot write " + path);
   out << data;
+}
+
+std::string errname(int e) {
+  const char* n = strerrorname_np(e);
+  return std::string(n ? n : "E?") + " (" + strerror(e) + ")";
+}
+
+[[noreturn]] void fail_sys(const std::string& what) {
+  int e = errno;
+  throw std::runtime_error(what + " failed: " + errname(e));
+}
+
+std::set<std::string> list_dir(const std::string& p) {
+  DIR* d = opendir(p.c_str());
+  if (!d) fail_sys("opendir(" + p + ")");
+  std::set<std::string> names;
+  errno = 0;
+  while (dirent* e = readdir(d)) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") names.insert(n);
+    errno = 0;
+  }
+  int e = errno;
+  closedir(d);
+  if (e) {
+    errno = e;
+    fail_sys("readdir(" + p + ")");
+  }
+  return names;
 }
 
 int free_port() {

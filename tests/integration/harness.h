@@ -1,6 +1,7 @@
 // Shared helpers for integration tests: temporary directories, running the blockrepl command,
 // and RAII mounts that are always unmounted, also when a test fails.
 #pragma once
+#include <set>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,13 @@ class Mount {
 bool is_mounted(const std::string& path);
 std::string read_file(const std::string& path);         // whole file; throws on error
 void write_file(const std::string& path, const std::string& data);
+// "ENOENT (No such file or directory)"
+std::string errname(int e);
+// Throws std::runtime_error "<what> failed: <errname(errno)>".
+[[noreturn]] void fail_sys(const std::string& what);
+// The names in a directory, without "." and ".."; throws on error.
+std::set<std::string> list_dir(const std::string& path);
+
 // A loopback TCP port that is free now, distinct per process and call.
 int free_port();
 

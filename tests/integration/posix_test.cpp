@@ -39,16 +39,6 @@ namespace {
 constexpr const char kFidXattr[] = "trusted.blockrepl.fid";
 constexpr const char kReservedPrefix[] = "trusted.blockrepl.";
 
-std::string errname(int e) {
-  const char* n = strerrorname_np(e);
-  return std::string(n ? n : "E?") + " (" + strerror(e) + ")";
-}
-
-[[noreturn]] void fail_sys(const std::string& what) {
-  int e = errno;
-  throw std::runtime_error(what + " failed: " + errname(e));
-}
-
 // A descriptor that is closed at scope exit.
 struct Fd {
   int fd = -1;
@@ -125,24 +115,6 @@ int stat_errno(const std::string& p) {
   return lstat(p.c_str(), &st) == 0 ? 0 : errno;
 }
 
-std::set<std::string> list_dir(const std::string& p) {
-  DIR* d = opendir(p.c_str());
-  if (!d) fail_sys("opendir(" + p + ")");
-  std::set<std::string> names;
-  errno = 0;
-  while (dirent* e = readdir(d)) {
-    std::string n = e->d_name;
-    if (n != "." && n != "..") names.insert(n);
-    errno = 0;
-  }
-  int e = errno;
-  closedir(d);
-  if (e) {
-    errno = e;
-    fail_sys("readdir(" + p + ")");
-  }
-  return names;
-}
 
 // Deterministic, non-repeating-looking bytes.
 std::string pattern(size_t n, uint32_t seed) {
