@@ -10,6 +10,7 @@
 
 #include "blockrepl/error.h"
 #include "blockrepl/file_id.h"
+#include "blockrepl/hash_index.h"
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
 
@@ -21,27 +22,6 @@ constexpr size_t kChunkBytes = 1u << 20;
 
 kj::ArrayPtr<const kj::byte> bytes_of(const std::string& s) {
   return kj::arrayPtr(reinterpret_cast<const kj::byte*>(s.data()), s.size());
-}
-
-std::vector<std::pair<std::string, std::string>> list_xattrs(const std::string& p) {
-  std::vector<std::pair<std::string, std::string>> out;
-  ssize_t n = llistxattr(p.c_str(), nullptr, 0);
-  if (n <= 0) return out;
-  std::vector<char> names(static_cast<size_t>(n));
-  n = llistxattr(p.c_str(), names.data(), names.size());
-  for (ssize_t i = 0; i < n;) {
-    std::string name(names.data() + i);
-    i += static_cast<ssize_t>(name.size()) + 1;
-    if (name.rfind(kReservedXattrPrefix, 0) == 0) continue;
-    ssize_t vn = lgetxattr(p.c_str(), name.c_str(), nullptr, 0);
-    if (vn < 0) continue;
-    std::string v(static_cast<size_t>(vn), '\0');
-    vn = lgetxattr(p.c_str(), name.c_str(), v.data(), v.size());
-    if (vn < 0) continue;
-    v.resize(static_cast<size_t>(vn));
-    out.emplace_back(name, v);
-  }
-  return out;
 }
 
 class TreeSender {
@@ -204,7 +184,25 @@ CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids) {
   return sender.stats;
 }
 
-CopyReceiver::CopyReceiver(int root_fd) : root_fd_(root_fd) {}
+CopyReceiver::CopyReceiver(int root_fd, HashIndex* hashes) : root_fd_(root_fd), hashes_(hashes) {}
+
+void CopyReceiver::write_chunk(const std::string& path, FileId fid, uint64_t off, const kj::byte* data, size_t n) {
+  if (n == 0) return;
+  Record rec;  // only to tell the hash trees what changed
+  rec.op = Op::write;
+  rec.fid = fid;
+  rec.offset = off;
+  rec.data = std::string_view(reinterpret_cast<const char*>(data), n);
+  if (hashes_) {
+    std::shared_lock lk(hashes_->change_lock());
+    if (int err = hashes_->before_change(rec, file_fd_)) throw_errno("copy: cannot write " + path, err);
+    if (pwrite(file_fd_, data, n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) throw_errno("copy: cannot write " + path, errno);
+    hashes_->after_change(rec, file_fd_);
+  } else if (pwrite(file_fd_, data, n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) {
+    throw_errno("copy: cannot write " + path, errno);
+  }
+  stats_.bytes += n;
+}
 
 CopyReceiver::~CopyReceiver() {
   if (file_fd_ >= 0) close(file_fd_);
@@ -239,7 +237,18 @@ int CopyReceiver::open_parent(const std::string& path, std::string* leaf) {
 
 void CopyReceiver::finish_file() {
   if (file_fd_ < 0) return;
-  if (ftruncate(file_fd_, static_cast<off_t>(file_size_)) != 0) LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(errno));
+  if (hashes_) {
+    Record rec;
+    rec.op = Op::truncate;
+    rec.fid = file_fid_;
+    rec.offset = file_size_;
+    std::shared_lock lk(hashes_->change_lock());
+    hashes_->before_change(rec, file_fd_);
+    if (ftruncate(file_fd_, static_cast<off_t>(file_size_)) != 0) LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(errno));
+    hashes_->after_change(rec, file_fd_);
+  } else if (ftruncate(file_fd_, static_cast<off_t>(file_size_)) != 0) {
+    LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(errno));
+  }
   futimens(file_fd_, file_times_);
   close(file_fd_);
   file_fd_ = -1;
@@ -251,10 +260,7 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
   auto chunk = e.getChunk();
   // A further chunk of the file being received.
   if (file_fd_ >= 0 && path == file_path_) {
-    if (chunk.size() && pwrite(file_fd_, chunk.begin(), chunk.size(), static_cast<off_t>(e.getChunkOffset())) !=
-                            static_cast<ssize_t>(chunk.size()))
-      throw_errno("copy: cannot write " + path, errno);
-    stats_.bytes += chunk.size();
+    write_chunk(path, file_fid_, e.getChunkOffset(), chunk.begin(), chunk.size());
     if (!e.getMore()) finish_file();
     return;
   }
@@ -315,10 +321,9 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
   if (S_ISDIR(mode)) {
     dir_times_.push_back({path, {times[0], times[1]}});
   } else if (file_fd_ >= 0) {
-    if (chunk.size() && pwrite(file_fd_, chunk.begin(), chunk.size(), static_cast<off_t>(e.getChunkOffset())) !=
-                            static_cast<ssize_t>(chunk.size()))
-      throw_errno("copy: cannot write " + path, errno);
-    stats_.bytes += chunk.size();
+    file_fid_ = e.getFid();
+    if (hashes_) hashes_->created(file_fid_);
+    write_chunk(path, file_fid_, e.getChunkOffset(), chunk.begin(), chunk.size());
     if (!e.getMore()) finish_file();
   } else {
     utimensat(dfd, name, times, AT_SYMLINK_NOFOLLOW);

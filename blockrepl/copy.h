@@ -14,6 +14,8 @@
 
 namespace blockrepl {
 
+class HashIndex;
+
 struct CopyStats {
   uint64_t files = 0;
   uint64_t bytes = 0;
@@ -28,7 +30,8 @@ CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids);
 // relative, no "..", never into the metadata folder.
 class CopyReceiver {
  public:
-  explicit CopyReceiver(int root_fd);
+  // hashes: trees to keep current with what is written (so a later re-attach rehashes nothing).
+  explicit CopyReceiver(int root_fd, HashIndex* hashes = nullptr);
   ~CopyReceiver();
   // Throws Error on a malformed entry or a local failure (naming the path).
   void apply(wire::CopyEntry::Reader entry);
@@ -39,7 +42,10 @@ class CopyReceiver {
  private:
   int open_parent(const std::string& path, std::string* leaf);
   void finish_file();
+  void write_chunk(const std::string& path, FileId fid, uint64_t off, const kj::byte* data, size_t n);
   int root_fd_;
+  HashIndex* hashes_;
+  FileId file_fid_ = kInvalidFileId;
   CopyStats stats_;
   // The regular file being received in chunks.
   int file_fd_ = -1;

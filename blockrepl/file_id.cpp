@@ -1,5 +1,8 @@
 #include "blockrepl/file_id.h"
 
+#include <algorithm>
+#include <sys/xattr.h>
+
 #include <cerrno>
 #include <cstring>
 #include <endian.h>
@@ -44,6 +47,28 @@ FileId new_file_id() {
     FileId fid = gen();
     if (fid != kInvalidFileId && fid != kRootFileId) return fid;
   }
+}
+
+std::vector<std::pair<std::string, std::string>> list_xattrs(const std::string& p) {
+  std::vector<std::pair<std::string, std::string>> out;
+  ssize_t n = llistxattr(p.c_str(), nullptr, 0);
+  if (n <= 0) return out;
+  std::vector<char> names(static_cast<size_t>(n));
+  n = llistxattr(p.c_str(), names.data(), names.size());
+  for (ssize_t i = 0; i < n;) {
+    std::string name(names.data() + i);
+    i += static_cast<ssize_t>(name.size()) + 1;
+    if (name.rfind(kReservedXattrPrefix, 0) == 0) continue;
+    ssize_t vn = lgetxattr(p.c_str(), name.c_str(), nullptr, 0);
+    if (vn < 0) continue;
+    std::string v(static_cast<size_t>(vn), '\0');
+    vn = lgetxattr(p.c_str(), name.c_str(), v.data(), v.size());
+    if (vn < 0) continue;
+    v.resize(static_cast<size_t>(vn));
+    out.emplace_back(name, v);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 }  // namespace blockrepl

@@ -4,6 +4,8 @@
 #pragma once
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "blockrepl/record.h"
 
@@ -17,6 +19,8 @@ inline constexpr const char kReservedXattrPrefix[] = "trusted.blockrepl.";
 // "/proc/self/fd/<dirfd>/<name>" (or "/proc/self/fd/<fd>" when name is empty): a path that
 // reaches an inode held by an fd, usable by the *xattr and *at calls that lack an fd form.
 std::string fd_path(int fd, const char* name = nullptr);
+// The extended attributes of `path` (not following a symlink), sorted by name, without ours.
+std::vector<std::pair<std::string, std::string>> list_xattrs(const std::string& path);
 
 // The id of `name` in directory `dirfd` (name may be "" for dirfd itself); nullopt if none.
 std::optional<FileId> read_file_id(int dirfd, const char* name);

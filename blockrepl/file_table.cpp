@@ -29,6 +29,14 @@ void FileTable::close_entry(Entry& e) {
   e.rw_fd = e.path_fd = -1;
 }
 
+void FileTable::clear() {
+  std::lock_guard lk(mu_);
+  for (auto& [fid, e] : entries_) close_entry(e);
+  entries_.clear();
+  orphans_.clear();
+  rw_open_.clear();
+}
+
 size_t FileTable::scan() { return scan_dir(root_fd_, 0); }
 
 size_t FileTable::scan_dir(int dirfd, int depth) {

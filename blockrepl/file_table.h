@@ -22,6 +22,8 @@ class FileTable {
   // Walks the backing tree once and learns every file id (skipping the metadata folder).
   // Returns the number of files found.
   size_t scan();
+  // Forgets every file (after the namespace changed behind the table's back); scan() again.
+  void clear();
 
   // O_PATH descriptor of fid, or -1 if unknown.
   int path_fd(FileId fid);

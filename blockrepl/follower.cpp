@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "blockrepl/copy.h"
+#include "blockrepl/hash_index.h"
 #include "blockrepl/error.h"
 #include "blockrepl/log.h"
 
@@ -29,6 +30,13 @@ Follower::Follower(Node& node, FollowerConfig cfg)
   status_.address = cfg_.master_address;
   status_.state = "disconnected";
   status_.durable_lsn = status_.received_lsn = state_.durable();
+  stage_ = std::make_unique<Stage>(node_.meta_fd(), node_.data_path(), !cfg_.no_fsync);
+  // The daemon died while applying a committed Merkle re-attach: finish it before serving.
+  if (stage_->committed()) {
+    LOG_INFO("finishing the re-attach of %s that was interrupted (up to lsn %" PRIu64 ")", node_.data_path().c_str(),
+             stage_->committed_lsn());
+    finish_stage();
+  }
   if (state_.attach_complete()) node_.set_last_lsn(state_.applied());
 }
 
@@ -118,28 +126,36 @@ void Follower::session() {
   stream(*conn);
 }
 
+void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
+  const Identity me = node_.identity();
+  const bool complete = state_.attach_complete();
+  capnp::MallocMessageBuilder mb;
+  auto h = mb.initRoot<wire::Message>().initHello();
+  h.setProtocolVersion(kProtocolVersion);
+  h.setClusterId(me.cluster_id);
+  h.setNodeId(me.node_id);
+  h.setBlockSize(me.block_size);
+  h.setHashAlgorithm(kHashAlgorithm);
+  auto lin = h.initLineage(static_cast<unsigned>(me.lineage.size()));
+  for (unsigned i = 0; i < me.lineage.size(); i++) {
+    lin[i].setId(me.lineage[i].id);
+    lin[i].setFirstLsn(me.lineage[i].first_lsn);
+  }
+  // A replica whose first copy never completed holds no LSN worth streaming from, but what it
+  // holds still saves bytes in a Merkle diff; only a truly empty one needs a full copy.
+  h.setDurableLsn(complete ? state_.durable() : 0);
+  h.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(cfg_.ack)));
+  h.setEmpty(me.cluster_id.empty() || data_dir_is_empty(node_.root_fd()));
+  h.setListenAddress(cfg_.listen_address);
+  h.setPurpose(purpose);
+  h.setDeep(deep);
+  conn.send(mb);
+}
+
 void Follower::handshake(Connection& conn) {
   const Identity me = node_.identity();
-  const bool empty = !state_.attach_complete();
-  {
-    capnp::MallocMessageBuilder mb;
-    auto h = mb.initRoot<wire::Message>().initHello();
-    h.setProtocolVersion(kProtocolVersion);
-    h.setClusterId(me.cluster_id);
-    h.setNodeId(me.node_id);
-    h.setBlockSize(me.block_size);
-    h.setHashAlgorithm(kHashAlgorithm);
-    auto lin = h.initLineage(static_cast<unsigned>(me.lineage.size()));
-    for (unsigned i = 0; i < me.lineage.size(); i++) {
-      lin[i].setId(me.lineage[i].id);
-      lin[i].setFirstLsn(me.lineage[i].first_lsn);
-    }
-    h.setDurableLsn(empty ? 0 : state_.durable());
-    h.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(cfg_.ack)));
-    h.setEmpty(empty);
-    h.setListenAddress(cfg_.listen_address);
-    conn.send(mb);
-  }
+  send_hello(conn, wire::Purpose::ATTACH, false);
+  const bool empty = me.cluster_id.empty() || data_dir_is_empty(node_.root_fd());
   auto frame = conn.receive(30000);
   if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the handshake");
   auto msg = frame->root();
@@ -179,6 +195,8 @@ void Follower::handshake(Connection& conn) {
       LOG_WARN("replica %s must be copied again in full; discarding its contents", node_.data_path().c_str());
       wipe_data_dir(node_.root_fd());
     }
+    if (HashIndex* h = node_.store().hashes()) h->reset_all();
+    node_.reset_history(start);
     state_.set_attach_complete(false, 0);
     node_.update_identity([&](Identity& id) {
       id.cluster_id = cluster;
@@ -205,6 +223,37 @@ void Follower::handshake(Connection& conn) {
     complete_at_ = 0;
     last_lsn_ = start;
     node_.set_last_lsn(start);
+  } else if (w.getMethod() == wire::AttachMethod::MERKLE) {
+    method_ = "merkle";
+    HashIndex* hashes = node_.store().hashes();
+    if (!hashes) throw Error("this node keeps no hash trees; cannot take a Merkle re-attach", EPROTO);
+    stage_->begin();
+    stage_->add(*frame);  // the welcome: the lineage to adopt once the stage is applied
+    auto progress = [&](const DiffReport& r) {
+      std::lock_guard lk(status_mu_);
+      status_.current_attach.method = "merkle";
+      status_.current_attach.bytes_received = conn.bytes_received() - bytes_before;
+      status_.current_attach.blocks_received = (r.data_bytes + me.block_size - 1) / me.block_size;
+    };
+    DiffReport rep = run_merkle_diff(conn, node_.root_fd(), *hashes, stage_.get(), false,
+                                     static_cast<int>(std::max<int64_t>(cfg_.master_timeout.count(), 60000)), progress);
+    auto done = conn.receive(static_cast<int>(std::max<int64_t>(cfg_.master_timeout.count(), 60000)));
+    if (!done || done->root().which() != wire::Message::MERKLE_DONE)
+      throw Error("master " + cfg_.master_address + " did not finish the Merkle diff", EPROTO);
+    stage_target_ = done->root().getMerkleDone().getLsn();
+    staging_ = true;
+    last_lsn_ = start;
+    replay_until_ = 0;
+    complete_at_ = 0;
+    {
+      std::lock_guard lk(status_mu_);
+      status_.current_attach.blocks_received = (rep.data_bytes + me.block_size - 1) / me.block_size;
+    }
+    LOG_INFO("Merkle diff with %s: %" PRIu64 " directories listed, %" PRIu64 " files compared, %" PRIu64
+             " blocks and %" PRIu64 " whole files differ, %u round trips; staged until lsn %" PRIu64,
+             cfg_.master_address.c_str(), rep.dirs_listed, rep.files_compared, rep.blocks, rep.whole_files, rep.round_trips,
+             stage_target_);
+    if (last_lsn_ >= stage_target_) commit_stage(conn, last_lsn_);
   } else {
     throw Error("master " + cfg_.master_address + " chose an attach method this node does not support", EPROTO);
   }
@@ -227,17 +276,20 @@ void Follower::handshake(Connection& conn) {
   catching_up_ = last_lsn_ < catchup_target_;
   LOG_INFO("attached to %s by %s (%" PRIu64 " bytes, %.2f s), streaming from lsn %" PRIu64, cfg_.master_address.c_str(),
            method_.c_str(), report.bytes_received, report.seconds, start);
-  if (method_ == "full") {
-    // The copy becomes consistent once the records up to copy-done are replayed and durable:
-    // stream until then before the mount is offered.
-    if (last_lsn_ >= complete_at_) make_durable(last_lsn_);
-    while (!state_.attach_complete()) {
+  if (method_ == "full" && last_lsn_ >= complete_at_) make_durable(last_lsn_);
+  if (method_ == "full" || staging_) {
+    // A full copy becomes consistent once the records up to copy-done are replayed and durable;
+    // a Merkle stage once it is applied at a barrier past the diff: stream until then (before
+    // the mount is offered, for a replica that has nothing consistent to serve yet).
+    while (!state_.attach_complete() || staging_) {
       auto frame = conn.receive(static_cast<int>(cfg_.master_timeout.count()));
       if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");
       auto m = frame->root();
       if (m.which() == wire::Message::BATCH) {
-        apply_batch(conn, m.getBatch());
+        if (staging_) stage_batch(conn, *frame);
+        else apply_batch(conn, m.getBatch());
       } else if (m.which() == wire::Message::HEARTBEAT) {
+        if (staging_ && last_lsn_ >= stage_target_ && m.getHeartbeat().getLsn() <= last_lsn_) commit_stage(conn, last_lsn_);
         send_ack(conn);
       } else if (m.which() == wire::Message::ERROR) {
         throw Error(std::string("master ") + cfg_.master_address + ": " + m.getError().getReason().cStr());
@@ -251,7 +303,7 @@ void Follower::handshake(Connection& conn) {
 }
 
 void Follower::receive_copy(Connection& conn) {
-  CopyReceiver rx(node_.root_fd());
+  CopyReceiver rx(node_.root_fd(), node_.store().hashes());
   for (;;) {
     auto frame = conn.receive(static_cast<int>(std::max<int64_t>(cfg_.master_timeout.count(), 30000)));
     if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the full copy");
@@ -290,9 +342,16 @@ void Follower::stream(Connection& conn) {
     auto msg = frame->root();
     switch (msg.which()) {
       case wire::Message::BATCH:
-        apply_batch(conn, msg.getBatch());
+        if (staging_) stage_batch(conn, *frame);
+        else apply_batch(conn, msg.getBatch());
         break;
       case wire::Message::HEARTBEAT: {
+        if (staging_) {
+          // The master is idle and we hold everything it has: the stage is a state it was in.
+          if (last_lsn_ >= stage_target_ && msg.getHeartbeat().getLsn() <= last_lsn_) commit_stage(conn, last_lsn_);
+          send_ack(conn);
+          break;
+        }
         // The master is idle: make what we hold durable now rather than at the next barrier,
         // so that a replica left alone is as fresh on disk as in memory.
         Lsn durable;
@@ -318,11 +377,100 @@ void Follower::stream(Connection& conn) {
   }
 }
 
-void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch) {
+void Follower::stage_batch(Connection& conn, Frame& frame) {
+  auto batch = frame.root().getBatch();
+  stage_->add(frame);
+  Lsn commit_at = 0;
+  for (auto wr : batch.getRecords()) {
+    const Lsn lsn = wr.getLsn();
+    if (lsn <= last_lsn_)
+      throw Error("master " + cfg_.master_address + " sent lsn " + std::to_string(lsn) + " after " + std::to_string(last_lsn_), EPROTO);
+    last_lsn_ = lsn;
+    if (!commit_at && lsn >= stage_target_ && static_cast<Op>(wr.getOp()) == Op::fsync) commit_at = lsn;
+  }
+  {
+    std::lock_guard lk(status_mu_);
+    status_.received_lsn = last_lsn_;
+    status_.current_attach.bytes_received = conn.bytes_received() - catchup_bytes_start_;
+  }
+  if (!commit_at) {
+    if (std::chrono::steady_clock::now() - last_ack_at_ >= std::chrono::milliseconds(500)) send_ack(conn);
+    return;
+  }
+  // The first barrier past the end of the diff: switch to the staged state there, then go on
+  // with the rest of this batch as a streaming replica.
+  const Lsn received = last_lsn_;
+  commit_stage(conn, commit_at);
+  last_lsn_ = commit_at;
+  if (received > commit_at) apply_batch(conn, batch, commit_at);
+  else send_ack(conn);
+}
+
+void Follower::commit_stage(Connection& conn, Lsn lsn) {
+  stage_->commit(lsn);
+  finish_stage();
+  staging_ = false;
+  last_lsn_ = lsn;
+  std::lock_guard lk(status_mu_);
+  status_.state = "streaming";
+  status_.received_lsn = lsn;
+  status_.durable_lsn = lsn;
+  status_.last_attach.bytes_received = conn.bytes_received() - catchup_bytes_start_;
+  status_.last_attach.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - attach_started_).count();
+}
+
+void Follower::finish_stage() {
+  Stage::Applied a = stage_->apply(node_.store(), node_.identity().block_size);
+  if (!cfg_.no_fsync) {
+    if (int err = node_.store().sync_all()) throw_errno("cannot sync " + node_.data_path(), err);
+  }
+  node_.update_identity([&](Identity& id) {
+    if (!a.lineage.empty()) id.lineage = a.lineage;
+    id.role = "slave";
+  });
+  if (!state_.attach_complete()) state_.set_attach_complete(true, a.lsn);
+  state_.set_durable(a.lsn, !cfg_.no_fsync);
+  state_.set_applied(a.lsn);
+  stage_->discard();
+  // Our own slaves hold history this node no longer has: they attach again.
+  node_.reset_history(a.lsn);
+  if (invalidator_) {
+    for (auto& [parent, name] : a.names) {
+      Record r;
+      r.op = Op::unlink;  // drops the cached name and the directory's attributes
+      r.parent = parent;
+      r.name = name;
+      invalidator_->invalidate(r);
+    }
+    invalidator_->invalidate_all();
+  }
+  dirty_files_.clear();
+  dirty_namespace_ = false;
+  LOG_INFO("replica %s switched to the master's state at lsn %" PRIu64 " (%" PRIu64 " entries, %" PRIu64 " blocks, %" PRIu64
+           " records applied)", node_.data_path().c_str(), a.lsn, a.entries, a.blocks, a.records);
+}
+
+DiffReport Follower::verify(bool deep) {
+  HashIndex* hashes = node_.store().hashes();
+  if (!hashes) throw Error("this node keeps no hash trees");
+  auto conn = connect_to(cfg_.master_address, 5000);
+  send_hello(*conn, wire::Purpose::VERIFY, deep);
+  auto frame = conn->receive(30000);
+  if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");
+  if (frame->root().which() == wire::Message::ERROR)
+    throw Error(std::string("master ") + cfg_.master_address + " refused: " + frame->root().getError().getReason().cStr());
+  if (frame->root().which() != wire::Message::WELCOME) throw Error("peer " + cfg_.master_address + " does not speak the blockrepl protocol");
+  DiffReport rep = run_merkle_diff(*conn, node_.root_fd(), *hashes, nullptr, deep, 120000);
+  auto done = conn->receive(120000);
+  return rep;
+}
+
+void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn applied_upto) {
   // Barriers in one batch share one round of fsyncs: durable at the last one is durable at all
   // of them (concurrent committers, as in PostgreSQL's group commit, cost one sync, not many).
   Lsn last_barrier = 0;
   for (auto wr : batch.getRecords()) {
+    if (wr.getLsn() <= applied_upto) continue;  // applied with the stage this batch ended
     Record rec = from_wire(wr, /*view_data=*/true);  // the frame outlives this loop
     if (rec.lsn <= last_lsn_)
       throw Error("master " + cfg_.master_address + " sent lsn " + std::to_string(rec.lsn) + " after " + std::to_string(last_lsn_), EPROTO);

@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "blockrepl/error.h"
+#include "blockrepl/merkle.h"
 #include "blockrepl/node.h"
 #include "blockrepl/replica_state.h"
 #include "blockrepl/upstream.h"
@@ -24,6 +25,8 @@ class CacheInvalidator {
  public:
   virtual ~CacheInvalidator() = default;
   virtual void invalidate(const Record& rec) = 0;
+  // Everything may have changed (a Merkle re-attach replaced files and names).
+  virtual void invalidate_all() = 0;
 };
 
 struct FollowerConfig {
@@ -77,13 +80,21 @@ class Follower {
 
   FollowerStatus status();
 
+  // Compares this replica's hash trees with its master's (deep: rehash both first) over a
+  // connection of its own. Throws Error if the master cannot be reached.
+  DiffReport verify(bool deep);
+
  private:
   void run();
   void session();  // connect (unless attach_now() left a connection), then stream until it breaks
   void handshake(Connection& conn);
   void receive_copy(Connection& conn);
   void stream(Connection& conn);
-  void apply_batch(Connection& conn, wire::Batch::Reader batch);
+  void apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn applied_upto = 0);
+  void stage_batch(Connection& conn, Frame& frame);
+  void commit_stage(Connection& conn, Lsn lsn);
+  void finish_stage();  // applies a committed stage and makes it the replica's state
+  void send_hello(Connection& conn, wire::Purpose purpose, bool deep);
   void make_durable(Lsn lsn);
   void send_ack(Connection& conn);
 
@@ -96,6 +107,9 @@ class Follower {
   Connection* conn_ = nullptr;  // the live connection, for stop()
   std::unique_ptr<Connection> first_conn_;  // attached by attach_now(), streamed on by start()
   CacheInvalidator* invalidator_ = nullptr;
+  std::unique_ptr<Stage> stage_;
+  bool staging_ = false;    // a Merkle attach: what arrives goes to the stage
+  Lsn stage_target_ = 0;    // ... until a barrier at or past this LSN
   std::function<void(int, const std::string&)> on_exit_;
 
   // Session state.

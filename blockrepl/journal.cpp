@@ -16,6 +16,20 @@ void Journal::set_start(Lsn lsn) {
   if (records_.empty()) base_lsn_ = last_lsn_ = lsn;
 }
 
+void Journal::on_reset(Lsn lsn) {
+  std::lock_guard lk(mu_);
+  records_.clear();
+  bytes_ = 0;
+  base_lsn_ = last_lsn_ = lsn;
+  for (auto& r : readers_) {
+    if (!r->cut_off) LOG_INFO("slave %s must attach again: this node's state was replaced at lsn %llu", r->name.c_str(),
+                              static_cast<unsigned long long>(lsn));
+    r->cut_off = true;
+  }
+  new_record_cv_.notify_all();
+  space_cv_.notify_all();
+}
+
 void Journal::on_record(const Record& rec) {
   auto copy = std::make_shared<Record>(rec);
   copy->own_data();

@@ -29,6 +29,8 @@ class Journal : public RecordSink {
   ~Journal() override;
 
   void on_record(const Record& rec) override;
+  // Forgets every record and cuts off every reader: they must attach again (a Merkle diff).
+  void on_reset(Lsn lsn) override;
 
   // A reader's position: it has taken every record up to `taken`.
   struct Reader {

@@ -135,6 +135,12 @@ void Node::close_clean() {
   }
 }
 
+void Node::reset_history(Lsn lsn) {
+  std::lock_guard lk(order_mu_);
+  last_lsn_.store(lsn, std::memory_order_release);
+  for (RecordSink* s : sinks_) s->on_reset(lsn);
+}
+
 void Node::add_sink(RecordSink* sink) {
   std::lock_guard lk(order_mu_);
   sinks_.push_back(sink);

@@ -20,6 +20,9 @@ class RecordSink {
   // Called with each applied record in LSN order, under the node's ordering lock: keep it short
   // (copy what must outlive the call; never block on the network).
   virtual void on_record(const Record& rec) = 0;
+  // The node's state jumped to `lsn` by other means than records (a re-attach by full copy or
+  // Merkle diff): history before it can no longer be replayed from this node.
+  virtual void on_reset(Lsn lsn) { (void)lsn; }
 };
 
 class Node {
@@ -45,6 +48,8 @@ class Node {
   // everything before them durable itself.
   int apply_received(const Record& rec, bool replay);
   void set_last_lsn(Lsn lsn) { last_lsn_.store(lsn, std::memory_order_release); }
+  // The state jumped to `lsn` (see RecordSink::on_reset): tells the sinks.
+  void reset_history(Lsn lsn);
 
   // Called by barrier() once the barrier is durable here, to wait for the slaves the ack level
   // names; returns 0 or an errno (EIO when too few slaves confirmed in time).

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "blockrepl/file_id.h"
+#include "blockrepl/hash_index.h"
 
 namespace blockrepl {
 
@@ -64,6 +65,7 @@ int Store::apply_created(const Record& rec, int parent_fd) {
   // The record's mode, not whatever umask this process runs with (symlinks have no mode).
   if (rec.op != Op::symlink && fchmodat(parent_fd, name, rec.mode & 07777, 0) != 0) return errno;
   if (int err = write_file_id(parent_fd, name, rec.fid)) return err;
+  if (hashes_ && rec.op == Op::create && S_ISREG(rec.mode)) hashes_->created(rec.fid);
   if (track_files_) return files_.add(rec.fid, parent_fd, name);
   return 0;
 }
@@ -81,7 +83,17 @@ int Store::apply(const Record& rec, const Targets& given, timespec* mtime_out) {
   Targets t;
   const bool data_op = rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate;
   if (int err = resolve(rec, given, t, data_op)) return err;
-  if (int err = apply_resolved(rec, t)) return err;
+  if (data_op && hashes_) {
+    // The dirty-region log must name the extent before the data can reach the disk.
+    std::shared_lock lk(hashes_->change_lock());
+    if (int err = hashes_->before_change(rec, t.fd)) return err;
+    int err = apply_resolved(rec, t);
+    // A failed write may still have changed some bytes: marking them dirty costs nothing.
+    if (!err || rec.op == Op::write) hashes_->after_change(rec, t.fd);
+    if (err) return err;
+  } else if (int err = apply_resolved(rec, t)) {
+    return err;
+  }
   if (!stamps_mtime(rec.op)) return 0;
   const bool created = !data_op;
   if (mtime_out) {

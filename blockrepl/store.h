@@ -17,6 +17,8 @@ struct Targets {
   int parent2_fd = -1;   // directory rec.parent2 (rename)
 };
 
+class HashIndex;
+
 class Store {
  public:
   // root_fd: the backing directory, opened O_PATH|O_DIRECTORY (not owned).
@@ -24,6 +26,9 @@ class Store {
   // always pass descriptors does not need it; a node applying received records does.
   Store(int root_fd, bool track_files);
   void set_track_files(bool on) { track_files_ = on; }
+  // Keeps these hash trees current with every data record applied (not owned; may be null).
+  void set_hashes(HashIndex* hashes) { hashes_ = hashes; }
+  HashIndex* hashes() const { return hashes_; }
 
   // Applies one record. Returns 0 or an errno (the backing file system's answer).
   // With `mtime_out`, a record that changes a file's data or creates an entry reports the
@@ -53,6 +58,7 @@ class Store {
   int root_fd_;
   bool track_files_;
   FileTable files_;
+  HashIndex* hashes_ = nullptr;
 };
 
 }  // namespace blockrepl

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include "blockrepl/copy.h"
+#include "blockrepl/hash_index.h"
+#include "blockrepl/merkle.h"
 #include "blockrepl/error.h"
 #include "blockrepl/log.h"
 
@@ -71,6 +73,21 @@ bool on_our_history(const std::vector<LineageEntry>& ours, const std::vector<Lin
 }
 
 }  // namespace
+
+void Upstream::send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level) {
+  capnp::MallocMessageBuilder mb;
+  auto w = mb.initRoot<wire::Message>().initWelcome();
+  w.setProtocolVersion(kProtocolVersion);
+  w.setClusterId(me.cluster_id);
+  w.setNodeId(me.node_id);
+  w.setBlockSize(me.block_size);
+  set_lineage(w.initLineage(static_cast<unsigned>(me.lineage.size())), me.lineage);
+  w.setMethod(method);
+  w.setStartLsn(start_lsn);
+  w.setLastLsn(node_.last_lsn());
+  w.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(level)));
+  conn.send(mb);
+}
 
 Upstream::Upstream(Node& node, Journal& journal, UpstreamConfig cfg) : node_(node), journal_(journal), cfg_(std::move(cfg)) {}
 
@@ -171,6 +188,21 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
     if (me.cluster_id.empty()) refuse("this node has no data to serve yet (it is not attached itself)");
     s.level = std::min(cfg_.ack, static_cast<AckLevel>(static_cast<int>(hello.getAckLevel())));
 
+    HashIndex* hashes = node_.store().hashes();
+    if (hello.getPurpose() == wire::Purpose::VERIFY) {
+      if (!hashes) refuse("this node keeps no hash trees");
+      if (empty || their_cluster != me.cluster_id) refuse("verify: the slave is not a replica of cluster " + me.cluster_id);
+      send_welcome(conn, me, wire::AttachMethod::MERKLE, node_.last_lsn(), s.level);
+      LOG_INFO("slave %s (node %s) verifies against us at lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(), node_.last_lsn());
+      serve_merkle_diff(conn, node_.root_fd(), *hashes, cfg_.assign_ids, hello.getDeep(), 60000);
+      capnp::MallocMessageBuilder mb;
+      mb.initRoot<wire::Message>().initMerkleDone().setLsn(node_.last_lsn());
+      conn.send(mb);
+      conn.receive(10000);  // until the slave hangs up
+      s.dead = true;
+      return;
+    }
+
     // Choose the cheapest correct way to attach.
     wire::AttachMethod method;
     Lsn start_lsn;
@@ -181,33 +213,22 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       method = wire::AttachMethod::STREAM;
       start_lsn = their_lsn;
     } else {
+      method = !empty && hashes ? wire::AttachMethod::MERKLE : wire::AttachMethod::FULL;
       if (!empty)
-        LOG_WARN("slave %s at lsn %" PRIu64 " cannot stream (not on our history, or older than the journal; master at %" PRIu64
-                 "): full copy", conn.peer().c_str(), their_lsn, journal_.last_lsn());
-      method = wire::AttachMethod::FULL;
-      // Hold every record from here on for the slave, then copy the tree as it is.
+        LOG_INFO("slave %s at lsn %" PRIu64 " cannot stream (not on our history, or older than the journal; we are at %" PRIu64
+                 "): %s", conn.peer().c_str(), their_lsn, journal_.last_lsn(),
+                 method == wire::AttachMethod::MERKLE ? "Merkle diff" : "full copy");
+      // Hold every record from here on for the slave, then compare or copy the tree as it is.
       start_lsn = node_.last_lsn();
       journal_.set_start(start_lsn);
       reader = journal_.attach(journal_.last_lsn(), conn.peer(), true);
-      if (!reader) throw Error("cannot start a full copy: journal unavailable");
+      if (!reader) throw Error("cannot start an attach: journal unavailable");
       start_lsn = reader->taken;
     }
-    {
-      capnp::MallocMessageBuilder mb;
-      auto w = mb.initRoot<wire::Message>().initWelcome();
-      w.setProtocolVersion(kProtocolVersion);
-      w.setClusterId(me.cluster_id);
-      w.setNodeId(me.node_id);
-      w.setBlockSize(me.block_size);
-      set_lineage(w.initLineage(static_cast<unsigned>(me.lineage.size())), me.lineage);
-      w.setMethod(method);
-      w.setStartLsn(start_lsn);
-      w.setLastLsn(node_.last_lsn());
-      w.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(s.level)));
-      conn.send(mb);
-    }
+    send_welcome(conn, me, method, start_lsn, s.level);
     LOG_INFO("slave %s (node %s) attaching by %s from lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(),
-             method == wire::AttachMethod::FULL ? "full copy" : "stream", start_lsn);
+             method == wire::AttachMethod::FULL ? "full copy" : method == wire::AttachMethod::MERKLE ? "Merkle diff" : "stream",
+             start_lsn);
     s.sent = s.received = s.durable = start_lsn;
     if (method == wire::AttachMethod::FULL) {
       CopyStats st = send_full_copy(conn, node_.root_fd(), cfg_.assign_ids);
@@ -219,6 +240,15 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       conn.send(mb);
       journal_.set_attaching(reader, false);
       LOG_INFO("slave %s: full copy sent (%" PRIu64 " files, %" PRIu64 " bytes)", conn.peer().c_str(), st.files, st.bytes);
+    } else if (method == wire::AttachMethod::MERKLE) {
+      const uint64_t sent_before = conn.bytes_sent();
+      serve_merkle_diff(conn, node_.root_fd(), *hashes, cfg_.assign_ids, false,
+                        static_cast<int>(std::max<int64_t>(cfg_.ack_timeout.count(), 60000)));
+      capnp::MallocMessageBuilder mb;
+      mb.initRoot<wire::Message>().initMerkleDone().setLsn(node_.last_lsn());
+      conn.send(mb);
+      journal_.set_attaching(reader, false);
+      LOG_INFO("slave %s: Merkle diff answered (%" PRIu64 " bytes sent)", conn.peer().c_str(), conn.bytes_sent() - sent_before);
     }
     ack_thread = std::thread([this, sp] { read_acks(sp); });
     {

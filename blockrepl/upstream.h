@@ -63,6 +63,7 @@ class Upstream {
  private:
   struct Session;
   void accept_loop();
+  void send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level);
   void serve(std::shared_ptr<Session> s);
   void stream(Session& s, std::shared_ptr<Journal::Reader> reader);
   void read_acks(std::shared_ptr<Session> s);

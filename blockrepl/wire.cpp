@@ -108,9 +108,14 @@ std::unique_ptr<Frame> Connection::receive(int timeout_ms) {
   uint32_t len = le32toh(len_le);
   if (len == 0 || len % sizeof(capnp::word) != 0 || len > kMaxFrameBytes)
     throw Error("malformed frame from " + peer_ + " (length " + std::to_string(len) + ")", EPROTO);
+  auto words = kj::heapArray<capnp::word>(len / sizeof(capnp::word));
+  read_full(words.begin(), len, timeout_ms, false);
+  return Frame::parse(kj::mv(words), peer_);
+}
+
+std::unique_ptr<Frame> Frame::parse(kj::Array<capnp::word> words, const std::string& where) {
   auto frame = std::make_unique<Frame>();
-  frame->words_ = kj::heapArray<capnp::word>(len / sizeof(capnp::word));
-  read_full(frame->words_.begin(), len, timeout_ms, false);
+  frame->words_ = kj::mv(words);
   capnp::ReaderOptions opts;
   opts.traversalLimitInWords = kTraversalLimitWords;
   opts.nestingLimit = 16;
@@ -118,7 +123,7 @@ std::unique_ptr<Frame> Connection::receive(int timeout_ms) {
     frame->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(frame->words_.asPtr(), opts);
     frame->root().which();  // validates the segment table and the root pointer now
   } catch (const kj::Exception& e) {
-    throw Error("malformed message from " + peer_ + ": " + e.getDescription().cStr(), EPROTO);
+    throw Error("malformed message from " + where + ": " + e.getDescription().cStr(), EPROTO);
   }
   return frame;
 }

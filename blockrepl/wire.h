@@ -23,6 +23,11 @@ class Frame {
  public:
   wire::Message::Reader root() { return reader_->getRoot<wire::Message>(); }
   size_t bytes() const { return words_.size() * sizeof(capnp::word); }
+  // The message as it came off the wire (without the length prefix), e.g. to stage it on disk.
+  kj::ArrayPtr<const capnp::word> words() const { return words_.asPtr(); }
+  // A frame from bytes kept earlier (a staged message), validated like a received one; `where`
+  // names the source in the Error thrown for malformed bytes.
+  static std::unique_ptr<Frame> parse(kj::Array<capnp::word> words, const std::string& where);
 
  private:
   friend class Connection;

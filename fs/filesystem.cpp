@@ -133,6 +133,14 @@ struct Filesystem::Impl : public CacheInvalidator {
         break;
     }
   }
+
+  void invalidate_all() override {
+    fuse_session* s = se.load();
+    if (!s) return;
+    fuse_lowlevel_notify_inval_inode(s, FUSE_ROOT_ID, 0, 0);
+    for (Inode* inode : inodes.all())
+      if (inode != inodes.root()) fuse_lowlevel_notify_inval_inode(s, reinterpret_cast<fuse_ino_t>(inode), 0, 0);
+  }
 };
 
 namespace {

@@ -59,4 +59,12 @@ size_t InodeTable::size() {
   return inodes_.size();
 }
 
+std::vector<Inode*> InodeTable::all() {
+  std::lock_guard lk(mu_);
+  std::vector<Inode*> out;
+  out.reserve(inodes_.size());
+  for (auto& [key, inode] : inodes_) out.push_back(inode.get());
+  return out;
+}
+
 }  // namespace blockrepl::fs

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <sys/types.h>
 #include <utility>
+#include <vector>
 
 #include "blockrepl/record.h"
 
@@ -38,6 +39,8 @@ class InodeTable {
   void set_root(std::unique_ptr<Inode> root) { root_ = std::move(root); }
   Inode* root() const { return root_.get(); }
   size_t size();
+  // Every inode the kernel knows now (their addresses are the kernel's inode numbers).
+  std::vector<Inode*> all();
 
  private:
   std::mutex mu_;

@@ -17,6 +17,19 @@ $Cxx.namespace("blockrepl::wire");
 #   master -> slave   copyEntry*   every file and directory with its metadata and data chunks,
 #                     copyDone     then the LSN from which the copy is exact once the records
 #                                  that follow (from welcome.startLsn on) are applied
+#   Merkle diff (method "merkle"; the slave drives it, one question at a time):
+#   slave  -> master  dirQuery     directories whose namespace hash differs from ours
+#   master -> slave   dirListing*  one per directory asked: its entries, each with the hash of
+#                                  its content (file: root of its block hash tree; directory: of
+#                                  its own listing), then dirListingsDone
+#   slave  -> master  hashQuery    for files that differ: tree nodes at one level
+#   master -> slave   hashAnswer   their hashes (level by level, from the top: log n round trips)
+#   slave  -> master  blockRequest blocks (or whole files) that differ
+#   master -> slave   blockData*   their contents, then blockDataDone
+#   slave  -> master  diffDone
+#   master -> slave   merkleDone   the LSN from which the diff is exact once the records that
+#                                  follow (from welcome.startLsn on) are applied
+#   verify (hello.purpose = verify) uses the same questions and ends with diffDone; no stream.
 #   then, forever:
 #   master -> slave   batch        records in LSN order (a barrier is an `fsync` record)
 #                     heartbeat    when idle, so a dead master is noticed
@@ -56,6 +69,13 @@ struct Hello {
   ackLevel @7 :AckLevel;
   empty @8 :Bool;            # the slave holds no data (may take a full copy)
   listenAddress @9 :Text;    # where this slave serves its own slaves ("" if it does not)
+  purpose @10 :Purpose;      # attach (and stream), or only compare trees (verify)
+  deep @11 :Bool;            # verify: rehash the data on both sides first
+}
+
+enum Purpose {
+  attach @0;
+  verify @1;
 }
 
 struct Welcome {
@@ -140,6 +160,76 @@ struct CopyDone {
   bytes @2 :UInt64;
 }
 
+# One directory entry with what the Merkle diff compares. Times of directories are not compared
+# (their contents change them on every node at slightly different moments).
+struct NsEntry {
+  name @0 :Data;
+  fid @1 :UInt64;
+  mode @2 :UInt32;        # with type bits
+  uid @3 :UInt32;
+  gid @4 :UInt32;
+  size @5 :UInt64;
+  rdev @6 :UInt64;
+  mtimeSec @7 :Int64;
+  mtimeNsec @8 :Int64;
+  linkTarget @9 :Data;
+  xattrs @10 :List(Xattr);
+  hash @11 :Data;         # 16 bytes: the entry's namespace hash (metadata and content)
+  content @12 :Data;      # 16 bytes: regular file: root of its block hash tree; directory: hash
+                          # of its listing; otherwise empty
+}
+
+struct DirQuery {
+  paths @0 :List(Data);   # directories, relative to the volume root ("" is the root)
+}
+
+struct DirListing {
+  path @0 :Data;
+  fid @1 :UInt64;
+  exists @2 :Bool;        # false: the master has no directory there (any more)
+  entries @3 :List(NsEntry);
+}
+
+struct HashQueryItem {
+  fid @0 :UInt64;
+  level @1 :UInt32;
+  indices @2 :List(UInt64);
+}
+
+struct HashQuery {
+  items @0 :List(HashQueryItem);
+}
+
+struct HashAnswerItem {
+  fid @0 :UInt64;
+  size @1 :UInt64;        # the file's size on the master now
+  hashes @2 :Data;        # 16 bytes per index asked (all zero where the master has no node)
+}
+
+struct HashAnswer {
+  items @0 :List(HashAnswerItem);
+}
+
+struct BlockRequestItem {
+  fid @0 :UInt64;
+  blocks @1 :List(UInt64);  # block indices; empty with whole = true: every data region
+  whole @2 :Bool;
+}
+
+struct BlockRequest {
+  items @0 :List(BlockRequestItem);
+}
+
+struct BlockData {
+  fid @0 :UInt64;
+  offset @1 :UInt64;
+  data @2 :Data;          # may be shorter than a block at the end of the file
+}
+
+struct MerkleDone {
+  lsn @0 :UInt64;         # the diff reflects at least every record up to here
+}
+
 struct ErrorMessage {
   reason @0 :Text;        # one line, printed by the other side
   fatal @1 :Bool;         # true: do not retry without operator action (mismatch, refused)
@@ -155,5 +245,15 @@ struct Message {
     copyEntry @5 :CopyEntry;
     copyDone @6 :CopyDone;
     error @7 :ErrorMessage;
+    dirQuery @8 :DirQuery;
+    dirListing @9 :DirListing;
+    dirListingsDone @10 :Void;
+    hashQuery @11 :HashQuery;
+    hashAnswer @12 :HashAnswer;
+    blockRequest @13 :BlockRequest;
+    blockData @14 :BlockData;
+    blockDataDone @15 :Void;
+    diffDone @16 :Void;
+    merkleDone @17 :MerkleDone;
   }
 }

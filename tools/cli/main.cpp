@@ -40,6 +40,12 @@ int main(int argc, char** argv) {
   status_cmd->add_option("mountpoint", status_point, "the mount point")->required();
   status_cmd->add_flag("--json", status_json, "one JSON object");
 
+  std::string verify_point;
+  bool verify_deep = false;
+  auto* verify_cmd = app.add_subcommand("verify", "slave: compare its hash trees with its master's; exit 0 iff identical");
+  verify_cmd->add_option("mountpoint", verify_point, "the slave's mount point")->required();
+  verify_cmd->add_flag("--deep", verify_deep, "rehash the data on both sides first (finds bit rot)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -57,7 +63,7 @@ int main(int argc, char** argv) {
         }
     // CLI11 reports an unknown subcommand as a missing one; name what was given instead.
     if (argc > 1 && argv[1][0] != '-' && !app.get_subcommands().size()) {
-      fprintf(stderr, "blockrepl: unknown command '%s' (commands: mount, umount, status; see blockrepl --help)\n", argv[1]);
+      fprintf(stderr, "blockrepl: unknown command '%s' (commands: mount, umount, status, verify; see blockrepl --help)\n", argv[1]);
       return 2;
     }
     fprintf(stderr, "blockrepl: %s (see blockrepl --help)\n", e.what());
@@ -70,5 +76,6 @@ int main(int argc, char** argv) {
   if (*mount_cmd) return run_mount(mount);
   if (*umount_cmd) return run_umount(umount_point, lazy);
   if (*status_cmd) return run_status(status_point, status_json);
+  if (*verify_cmd) return run_verify(verify_point, verify_deep);
   return 2;
 }

@@ -20,6 +20,7 @@
 #include "blockrepl/node.h"
 #include "blockrepl/control.h"
 #include "blockrepl/follower.h"
+#include "blockrepl/hash_index.h"
 #include "blockrepl/journal.h"
 #include "blockrepl/upstream.h"
 #include "blockrepl/wire.h"
@@ -123,6 +124,7 @@ namespace {
 // Everything a running daemon holds; destroyed in reverse order of construction.
 struct Daemon {
   std::unique_ptr<Node> node;
+  std::unique_ptr<HashIndex> hashes;
   std::unique_ptr<Journal> journal;
   std::unique_ptr<Upstream> upstream;
   std::unique_ptr<Follower> follower;
@@ -217,6 +219,28 @@ nlohmann::json status_json(Daemon& d) {
   return j;
 }
 
+// A verify request: compare this replica's trees with its master's.
+nlohmann::json verify_json(Daemon& d, bool deep) {
+  using nlohmann::json;
+  if (!d.follower) return json{{"error", "this node is a master: run verify on a slave"}};
+  try {
+    // Compared while records keep arriving: a difference may only be a record in flight, so
+    // differences count only if a second comparison, once we hold what the master had at
+    // the first one, still finds them.
+    DiffReport rep = d.follower->verify(deep);
+    for (int attempt = 0; attempt < 3 && !rep.differences.empty(); attempt++) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+      rep = d.follower->verify(false);
+    }
+    json diffs = json::array();
+    for (auto& s : rep.differences) diffs.push_back(s);
+    return json{{"identical", rep.differences.empty()}, {"differences", diffs}, {"dirs_listed", rep.dirs_listed},
+                {"files_compared", rep.files_compared}, {"round_trips", rep.round_trips}};
+  } catch (const std::exception& e) {
+    return json{{"error", e.what()}};
+  }
+}
+
 }  // namespace
 
 int run_mount(const MountOptions& opts) {
@@ -293,6 +317,11 @@ int run_mount(const MountOptions& opts) {
     }
     if (slave && id.role == "master")
       throw Error(data_abs + " holds a master's volume: mounting it as a slave would discard its history (re-joining a former master is not supported yet)");
+    // Hash trees for the Merkle re-attach, kept current from here on (recovered first if the
+    // last stop was unclean).
+    d.hashes = std::make_unique<HashIndex>(d.node->root_fd(), d.node->meta_fd(), data_abs, d.node->identity().block_size,
+                                           !opts.no_fsync);
+    d.node->store().set_hashes(d.hashes.get());
     if (!opts.listen.empty() || slave) {
       d.journal = std::make_unique<Journal>(journal_bytes, 64u << 20, ack_timeout);
     }
@@ -345,6 +374,7 @@ int run_mount(const MountOptions& opts) {
     d.filesystem = std::make_unique<fs::Filesystem>(*d.node, cfg);
     d.control = std::make_unique<ControlServer>(control_socket_name(d.node->identity().node_id), [&d](const std::string& req) {
       if (req == "status") return status_json(d).dump();
+      if (req == "verify" || req == "verify deep") return verify_json(d, req == "verify deep").dump();
       return std::string("{\"error\":\"unknown request\"}");
     });
     d.filesystem->mount();
@@ -366,6 +396,7 @@ int run_mount(const MountOptions& opts) {
     });
     d.follower->start();
   }
+  d.hashes->start_checkpoints();
   write_pid_file(data_abs);
   LOG_INFO("mounted %s on %s as %s", data_abs.c_str(), mnt_abs.c_str(), d.follower ? "slave" : "master");
   readiness.ready(opts.log_file);
@@ -382,6 +413,13 @@ int run_mount(const MountOptions& opts) {
   if (!d.follower) d.node->close_clean();
   d.upstream.reset();
   d.follower.reset();
+  try {
+    d.hashes->close_clean();  // saves the trees, so the next start rehashes nothing
+  } catch (const std::exception& e) {
+    LOG_WARN("%s", e.what());
+  }
+  d.node->store().set_hashes(nullptr);
+  d.hashes.reset();
   d.node.reset();
   unlink((data_abs + "/" + kMetadataDirName + "/" + kPidFile).c_str());
   if (lock_fd >= 0) close(lock_fd);
@@ -439,6 +477,48 @@ int run_umount(const std::string& mountpoint, bool lazy) {
 }  // namespace blockrepl::cli
 
 namespace blockrepl::cli {
+
+int run_verify(const std::string& mountpoint, bool deep) {
+  char buf[PATH_MAX];
+  if (!realpath(mountpoint.c_str(), buf)) {
+    fprintf(stderr, "blockrepl: mount point %s: %s\n", mountpoint.c_str(), strerror(errno));
+    return 1;
+  }
+  auto data = blockrepl_data_dir_of(buf);
+  if (!data) {
+    fprintf(stderr, "blockrepl: %s is not a blockrepl mount\n", buf);
+    return 1;
+  }
+  std::string resp;
+  try {
+    int meta = open((*data + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (meta < 0) throw_errno("cannot open " + *data + "/" + kMetadataDirName, errno);
+    Identity id = load_or_create_identity(meta, *data);
+    close(meta);
+    resp = control_request(control_socket_name(id.node_id), deep ? "verify deep" : "verify", 3600 * 1000);
+  } catch (const std::exception& e) {
+    fprintf(stderr, "blockrepl: verify %s: %s\n", buf, e.what());
+    return 1;
+  }
+  nlohmann::json j = nlohmann::json::parse(resp, nullptr, false);
+  if (j.is_discarded()) {
+    fprintf(stderr, "blockrepl: verify %s: bad answer from the daemon\n", buf);
+    return 1;
+  }
+  if (j.contains("error")) {
+    fprintf(stderr, "blockrepl: verify %s: %s\n", buf, j["error"].get<std::string>().c_str());
+    return 1;
+  }
+  if (j["identical"].get<bool>()) {
+    printf("identical to the master (%llu directories, %llu files compared)\n",
+           static_cast<unsigned long long>(j["dirs_listed"].get<uint64_t>()),
+           static_cast<unsigned long long>(j["files_compared"].get<uint64_t>()));
+    return 0;
+  }
+  printf("differs from the master:\n");
+  for (auto& d : j["differences"]) printf("  %s\n", d.get<std::string>().c_str());
+  return 3;
+}
 
 int run_status(const std::string& mountpoint, bool json) {
   char buf[PATH_MAX];

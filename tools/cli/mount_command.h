@@ -27,6 +27,7 @@ struct MountOptions {
 
 int run_mount(const MountOptions& opts);
 int run_umount(const std::string& mountpoint, bool lazy);
+int run_verify(const std::string& mountpoint, bool deep);
 int run_status(const std::string& mountpoint, bool json);
 
 // "5s", "500ms", "2.5" (seconds) -> milliseconds; false on a bad value.

@@ -1,0 +1,752 @@
+#include "blockrepl/merkle.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cinttypes>
+#include <cstring>
+#include <dirent.h>
+#include <endian.h>
+#include <sys/uio.h>
+#include <fcntl.h>
+#include <map>
+#include <set>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+#include <unordered_map>
+
+#include "blockrepl/error.h"
+#include "blockrepl/file_id.h"
+#include "blockrepl/log.h"
+#include "blockrepl/metadata.h"
+#include "blockrepl/namespace.h"
+
+namespace blockrepl {
+
+namespace {
+
+constexpr size_t kDataChunk = 1u << 20;  // bytes of file data per blockData message
+constexpr size_t kHashesPerAnswer = 1u << 20;  // 16 MiB of hashes at most per answer message
+
+std::string text_of(capnp::Data::Reader d) { return std::string(reinterpret_cast<const char*>(d.begin()), d.size()); }
+kj::ArrayPtr<const kj::byte> bytes_of(const std::string& s) {
+  return kj::arrayPtr(reinterpret_cast<const kj::byte*>(s.data()), s.size());
+}
+
+std::unique_ptr<Frame> expect(Connection& conn, int timeout_ms, const char* during) {
+  auto f = conn.receive(timeout_ms);
+  if (!f) throw Error(std::string("peer ") + conn.peer() + " closed the connection during " + during);
+  if (f->root().which() == wire::Message::ERROR)
+    throw Error(std::string("peer ") + conn.peer() + ": " + f->root().getError().getReason().cStr());
+  return f;
+}
+
+// Opens a file of the master's snapshot for reading.
+int open_snapshot_file(int root_fd, const std::string& path) {
+  return openat(root_fd, path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Master side.
+
+void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool assign_ids, bool deep, int timeout_ms) {
+  const NamespaceSnapshot snap = NamespaceSnapshot::take(root_fd, hashes, assign_ids, deep);
+  const uint32_t bs = hashes.block_size();
+  for (;;) {
+    auto frame = expect(conn, timeout_ms, "the Merkle diff");
+    auto msg = frame->root();
+    switch (msg.which()) {
+      case wire::Message::DIR_QUERY: {
+        for (auto p : msg.getDirQuery().getPaths()) {
+          const std::string path = text_of(p);
+          if (!valid_relative_path(path)) throw Error("slave asked for a bad path", EPROTO);
+          capnp::MallocMessageBuilder mb;
+          auto l = mb.initRoot<wire::Message>().initDirListing();
+          l.setPath(bytes_of(path));
+          const DirInfo* d = snap.dir(path);
+          l.setExists(d != nullptr);
+          if (d) {
+            l.setFid(d->fid);
+            auto el = l.initEntries(static_cast<unsigned>(d->entries.size()));
+            for (unsigned i = 0; i < d->entries.size(); i++) to_wire(d->entries[i], el[i]);
+          }
+          conn.send(mb);
+        }
+        capnp::MallocMessageBuilder mb;
+        mb.initRoot<wire::Message>().setDirListingsDone();
+        conn.send(mb);
+        break;
+      }
+      case wire::Message::HASH_QUERY: {
+        auto items = msg.getHashQuery().getItems();
+        size_t total = 0;
+        for (auto it : items) total += it.getIndices().size();
+        if (total > kHashesPerAnswer) throw Error("slave asked for too many hashes at once", EPROTO);
+        capnp::MallocMessageBuilder mb;
+        auto out = mb.initRoot<wire::Message>().initHashAnswer().initItems(items.size());
+        for (unsigned i = 0; i < items.size(); i++) {
+          auto it = items[i];
+          const FileId fid = it.getFid();
+          auto indices = it.getIndices();
+          std::vector<Hash128> hs(indices.size(), kAbsentNode);
+          uint64_t size = 0;
+          const auto* place = snap.find(fid);
+          int fd = place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1;
+          if (fd >= 0) {
+            try {
+              hashes.with_tree(fid, fd, [&](const FileHashTree& t) {
+                size = t.size();
+                for (unsigned j = 0; j < indices.size(); j++) hs[j] = t.node(it.getLevel(), indices[j]);
+              });
+            } catch (...) {
+              close(fd);
+              throw;
+            }
+            close(fd);
+          }
+          out[i].setFid(fid);
+          out[i].setSize(size);
+          out[i].setHashes(kj::arrayPtr(reinterpret_cast<const kj::byte*>(hs.data()), hs.size() * sizeof(Hash128)));
+        }
+        conn.send(mb);
+        break;
+      }
+      case wire::Message::BLOCK_REQUEST: {
+        std::string buf(kDataChunk, '\0');
+        auto send_data = [&](FileId fid, uint64_t off, size_t n) {
+          capnp::MallocMessageBuilder mb;
+          auto d = mb.initRoot<wire::Message>().initBlockData();
+          d.setFid(fid);
+          d.setOffset(off);
+          d.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(buf.data()), n));
+          conn.send(mb);
+        };
+        for (auto it : msg.getBlockRequest().getItems()) {
+          const FileId fid = it.getFid();
+          const auto* place = snap.find(fid);
+          int fd = place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1;
+          if (fd < 0) continue;  // gone since: the records that follow remove it
+          struct stat st;
+          fstat(fd, &st);
+          const uint64_t size = static_cast<uint64_t>(st.st_size);
+          if (it.getWhole()) {
+            for (off_t pos = 0; static_cast<uint64_t>(pos) < size;) {
+              off_t data = lseek(fd, pos, SEEK_DATA);
+              if (data < 0) break;
+              off_t hole = lseek(fd, data, SEEK_HOLE);
+              if (hole < 0 || static_cast<uint64_t>(hole) > size) hole = static_cast<off_t>(size);
+              for (off_t off = data; off < hole;) {
+                size_t want = static_cast<size_t>(std::min<off_t>(static_cast<off_t>(kDataChunk), hole - off));
+                ssize_t n = pread(fd, buf.data(), want, off);
+                if (n <= 0) break;
+                send_data(fid, static_cast<uint64_t>(off), static_cast<size_t>(n));
+                off += n;
+              }
+              pos = hole;
+            }
+          } else {
+            // Adjacent blocks go out together, up to kDataChunk per message.
+            auto blocks = it.getBlocks();
+            size_t i = 0;
+            while (i < blocks.size()) {
+              uint64_t first = blocks[i];
+              size_t j = i + 1;
+              while (j < blocks.size() && blocks[j] == blocks[j - 1] + 1 && (j - i + 1) * bs <= kDataChunk) j++;
+              const uint64_t off = first * bs;
+              if (off < size) {
+                size_t want = static_cast<size_t>(std::min<uint64_t>((j - i) * uint64_t{bs}, size - off));
+                ssize_t n = pread(fd, buf.data(), want, static_cast<off_t>(off));
+                if (n > 0) send_data(fid, off, static_cast<size_t>(n));
+              }
+              i = j;
+            }
+          }
+          close(fd);
+        }
+        capnp::MallocMessageBuilder mb;
+        mb.initRoot<wire::Message>().setBlockDataDone();
+        conn.send(mb);
+        break;
+      }
+      case wire::Message::DIFF_DONE:
+        return;
+      default:
+        throw Error("slave sent an unexpected message during the Merkle diff", EPROTO);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slave side.
+
+DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Stage* stage, bool deep, int timeout_ms,
+                           const std::function<void(const DiffReport&)>& progress) {
+  DiffReport rep;
+  const NamespaceSnapshot mine = NamespaceSnapshot::take(root_fd, hashes, false, deep);
+  const uint32_t bs = hashes.block_size();
+
+  // 1. Namespace, breadth first: one round trip per depth with differing directories.
+  std::map<FileId, uint64_t> differing_files;  // fid -> master's size
+  std::set<FileId> whole_files;
+  std::vector<std::string> queue{""};
+  while (!queue.empty()) {
+    {
+      capnp::MallocMessageBuilder mb;
+      auto paths = mb.initRoot<wire::Message>().initDirQuery().initPaths(static_cast<unsigned>(queue.size()));
+      for (unsigned i = 0; i < queue.size(); i++) paths.set(i, bytes_of(queue[i]));
+      conn.send(mb);
+    }
+    rep.round_trips++;
+    std::vector<std::string> next;
+    for (;;) {
+      auto frame = expect(conn, timeout_ms, "the Merkle diff");
+      auto msg = frame->root();
+      if (msg.which() == wire::Message::DIR_LISTINGS_DONE) break;
+      if (msg.which() != wire::Message::DIR_LISTING) throw Error("master sent an unexpected message during the Merkle diff", EPROTO);
+      auto l = msg.getDirListing();
+      const std::string path = text_of(l.getPath());
+      if (!valid_relative_path(path)) throw Error("master sent a listing with a bad path", EPROTO);
+      rep.dirs_listed++;
+      const DirInfo* here = mine.dir(path);
+      if (!l.getExists()) continue;  // gone on the master: its parent's listing says so
+      std::set<std::string> names;
+      for (auto we : l.getEntries()) {
+        NsEntryInfo e = from_wire(we);
+        if (!names.insert(e.name).second) throw Error("master sent a listing with a name twice", EPROTO);
+        const NsEntryInfo* m = here ? here->find(e.name) : nullptr;
+        if (m && m->hash == e.hash) continue;
+        const std::string p = join_path(path, e.name);
+        if (!m) rep.differences.push_back("missing here: " + p);
+        else if (m->fid != e.fid || (m->mode & S_IFMT) != (e.mode & S_IFMT)) rep.differences.push_back("different file: " + p);
+        else if (!(m->content == e.content) && !e.is_dir()) rep.differences.push_back("content differs: " + p);
+        else if (!e.is_dir()) rep.differences.push_back("metadata differs: " + p);
+        if (e.is_dir()) {
+          next.push_back(p);
+        } else if (e.is_reg()) {
+          const auto* local = mine.find(e.fid);
+          if (local && local->entry->is_reg()) {
+            if (!(local->entry->content == e.content)) differing_files[e.fid] = e.size;
+          } else {
+            whole_files.insert(e.fid);
+          }
+        }
+      }
+      if (here) {
+        for (const auto& m : here->entries)
+          if (!names.count(m.name)) rep.differences.push_back("not on the master: " + join_path(path, m.name));
+      }
+      if (stage) stage->add(*frame);
+    }
+    queue = std::move(next);
+    if (progress) progress(rep);
+  }
+
+  // 2. Block trees of files that exist on both sides, all files one level per round trip.
+  struct Descent {
+    FileHashTree ours;
+    uint64_t their_size;
+    unsigned level;
+    std::vector<uint64_t> indices;
+  };
+  std::map<FileId, Descent> active;
+  std::map<FileId, std::vector<uint64_t>> blocks;
+  for (auto& [fid, their_size] : differing_files) {
+    const auto* place = mine.find(fid);
+    int fd = openat(root_fd, place->path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) throw_errno("cannot open " + place->path + " to compare it", errno);
+    FileHashTree copy(bs);
+    try {
+      hashes.with_tree(fid, fd, [&](const FileHashTree& t) { copy = t; });
+    } catch (...) {
+      close(fd);
+      throw;
+    }
+    close(fd);
+    unsigned levels = std::max(copy.levels(), FileHashTree::levels_for(their_size, bs));
+    rep.files_compared++;
+    if (levels == 0) continue;  // both empty: only the size or metadata differ
+    active.emplace(fid, Descent{std::move(copy), their_size, levels - 1, {0}});
+  }
+  while (!active.empty()) {
+    {
+      capnp::MallocMessageBuilder mb;
+      auto items = mb.initRoot<wire::Message>().initHashQuery().initItems(static_cast<unsigned>(active.size()));
+      unsigned i = 0;
+      for (auto& [fid, d] : active) {
+        items[i].setFid(fid);
+        items[i].setLevel(d.level);
+        auto idx = items[i].initIndices(static_cast<unsigned>(d.indices.size()));
+        for (unsigned j = 0; j < d.indices.size(); j++) idx.set(j, d.indices[j]);
+        i++;
+      }
+      conn.send(mb);
+    }
+    rep.round_trips++;
+    auto frame = expect(conn, timeout_ms, "the Merkle diff");
+    if (frame->root().which() != wire::Message::HASH_ANSWER) throw Error("master sent an unexpected message during the Merkle diff", EPROTO);
+    auto answers = frame->root().getHashAnswer().getItems();
+    if (answers.size() != active.size()) throw Error("master answered a different number of hash questions", EPROTO);
+    unsigned i = 0;
+    for (auto it = active.begin(); it != active.end(); i++) {
+      auto a = answers[i];
+      Descent& d = it->second;
+      auto raw = a.getHashes();
+      if (a.getFid() != it->first || raw.size() != d.indices.size() * sizeof(Hash128))
+        throw Error("master answered hash questions out of order", EPROTO);
+      std::vector<Hash128> theirs(d.indices.size());
+      memcpy(theirs.data(), raw.begin(), raw.size());
+      d.their_size = a.getSize();  // the file may have changed since the listing
+      auto children = d.ours.differing_children(d.level, d.indices, theirs, d.their_size);
+      if (d.level == 0 || children.empty()) {
+        const uint64_t their_blocks = FileHashTree::level_size_for(d.their_size, bs, 0);
+        std::vector<uint64_t> want;
+        if (d.level == 0)
+          for (uint64_t b : children)
+            if (b < their_blocks) want.push_back(b);
+        if (!want.empty()) {
+          rep.blocks += want.size();
+          rep.differences.push_back("file " + std::to_string(it->first) + ": " + std::to_string(want.size()) + " blocks differ");
+          blocks[it->first] = std::move(want);
+        }
+        it = active.erase(it);
+        continue;
+      }
+      d.level--;
+      d.indices = std::move(children);
+      ++it;
+    }
+  }
+  rep.whole_files = whole_files.size();
+
+  // 3. The data.
+  if (stage && (!blocks.empty() || !whole_files.empty())) {
+    {
+      capnp::MallocMessageBuilder mb;
+      auto items = mb.initRoot<wire::Message>().initBlockRequest().initItems(static_cast<unsigned>(blocks.size() + whole_files.size()));
+      unsigned i = 0;
+      for (auto& [fid, list] : blocks) {
+        items[i].setFid(fid);
+        auto bl = items[i].initBlocks(static_cast<unsigned>(list.size()));
+        for (unsigned j = 0; j < list.size(); j++) bl.set(j, list[j]);
+        i++;
+      }
+      for (FileId fid : whole_files) {
+        items[i].setFid(fid);
+        items[i].setWhole(true);
+        i++;
+      }
+      conn.send(mb);
+    }
+    rep.round_trips++;
+    for (;;) {
+      auto frame = expect(conn, timeout_ms, "the Merkle diff");
+      auto msg = frame->root();
+      if (msg.which() == wire::Message::BLOCK_DATA_DONE) break;
+      if (msg.which() != wire::Message::BLOCK_DATA) throw Error("master sent an unexpected message during the Merkle diff", EPROTO);
+      auto d = msg.getBlockData();
+      if (!blocks.count(d.getFid()) && !whole_files.count(d.getFid()))
+        throw Error("master sent data of a file that was not asked for", EPROTO);
+      rep.data_bytes += d.getData().size();
+      stage->add(*frame);
+      if (progress && rep.data_bytes % (64u << 20) < d.getData().size()) progress(rep);
+    }
+  }
+  capnp::MallocMessageBuilder mb;
+  mb.initRoot<wire::Message>().setDiffDone();
+  conn.send(mb);
+  if (progress) progress(rep);
+  return rep;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage.
+
+namespace {
+constexpr char kStageDir[] = "stage";
+constexpr char kFramesName[] = "frames";
+constexpr char kCommitName[] = "commit";
+constexpr char kParkName[] = "park";
+
+void remove_tree_at(int dirfd, const char* name) {
+  int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd >= 0) {
+    if (DIR* d = fdopendir(fd)) {
+      std::vector<std::pair<std::string, bool>> entries;
+      while (dirent* de = readdir(d)) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        entries.emplace_back(de->d_name, de->d_type == DT_DIR);
+      }
+      for (auto& [n, is_dir] : entries) {
+        if (is_dir) remove_tree_at(fd, n.c_str());
+        else unlinkat(fd, n.c_str(), 0);
+      }
+      closedir(d);
+    } else {
+      close(fd);
+    }
+  }
+  unlinkat(dirfd, name, AT_REMOVEDIR);
+}
+}  // namespace
+
+Stage::Stage(int meta_fd, std::string where, bool durable) : meta_fd_(meta_fd), where_(std::move(where)), durable_(durable) {
+  if (mkdirat(meta_fd_, kStageDir, 0700) != 0 && errno != EEXIST) throw_errno("cannot create the stage in " + where_, errno);
+  dir_fd_ = openat(meta_fd_, kStageDir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd_ < 0) throw_errno("cannot open the stage in " + where_, errno);
+}
+
+Stage::~Stage() {
+  if (frames_fd_ >= 0) close(frames_fd_);
+  if (dir_fd_ >= 0) close(dir_fd_);
+}
+
+bool Stage::committed() const { return faccessat(dir_fd_, kCommitName, F_OK, 0) == 0; }
+
+Lsn Stage::committed_lsn() const {
+  int fd = openat(dir_fd_, kCommitName, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[32] = {};
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) throw Error("the stage commit marker in " + where_ + " is damaged");
+  return strtoull(buf, nullptr, 10);
+}
+
+void Stage::remove_all() {
+  if (frames_fd_ >= 0) close(frames_fd_);
+  frames_fd_ = -1;
+  unlinkat(dir_fd_, kCommitName, 0);
+  unlinkat(dir_fd_, kFramesName, 0);
+  remove_tree_at(dir_fd_, kParkName);
+  bytes_ = 0;
+}
+
+void Stage::begin() {
+  if (committed()) throw Error("a committed stage in " + where_ + " must be applied first");
+  remove_all();
+  frames_fd_ = openat(dir_fd_, kFramesName, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+  if (frames_fd_ < 0) throw_errno("cannot create the stage in " + where_, errno);
+}
+
+void Stage::add(const Frame& frame) {
+  if (frames_fd_ < 0) throw Error("stage of " + where_ + " was not begun");
+  auto words = frame.words();
+  const uint32_t len = htole32(static_cast<uint32_t>(words.size() * sizeof(capnp::word)));
+  iovec iov[2] = {{const_cast<uint32_t*>(&len), sizeof len},
+                  {const_cast<capnp::word*>(words.begin()), words.size() * sizeof(capnp::word)}};
+  const size_t total = iov[0].iov_len + iov[1].iov_len;
+  ssize_t n = writev(frames_fd_, iov, 2);
+  if (n != static_cast<ssize_t>(total)) throw_errno("cannot write the stage in " + where_, n < 0 ? errno : ENOSPC);
+  bytes_ += total;
+}
+
+void Stage::commit(Lsn lsn) {
+  if (frames_fd_ < 0) throw Error("stage of " + where_ + " was not begun");
+  if (durable_ && fdatasync(frames_fd_) != 0) throw_errno("cannot sync the stage in " + where_, errno);
+  const std::string text = std::to_string(lsn) + "\n";
+  int fd = openat(dir_fd_, "commit.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) throw_errno("cannot write the stage commit marker in " + where_, errno);
+  bool ok = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && (!durable_ || fsync(fd) == 0);
+  int err = errno;
+  close(fd);
+  if (!ok) throw_errno("cannot write the stage commit marker in " + where_, err);
+  if (renameat(dir_fd_, "commit.tmp", dir_fd_, kCommitName) != 0) throw_errno("cannot commit the stage in " + where_, errno);
+  if (durable_ && fsync(dir_fd_) != 0) throw_errno("cannot sync the stage in " + where_, errno);
+}
+
+void Stage::discard() {
+  remove_all();
+  if (durable_) fsync(dir_fd_);
+}
+
+namespace {
+
+// Reads the staged frames one at a time.
+class FrameReader {
+ public:
+  FrameReader(int dir_fd, const std::string& where) : where_(where) {
+    fd_ = openat(dir_fd, kFramesName, O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw_errno("cannot read the stage in " + where, errno);
+  }
+  ~FrameReader() { close(fd_); }
+  std::unique_ptr<Frame> next() {
+    uint32_t len_le;
+    ssize_t n = pread(fd_, &len_le, sizeof len_le, static_cast<off_t>(pos_));
+    if (n == 0) return nullptr;
+    if (n != sizeof len_le) throw Error("the stage in " + where_ + " is truncated");
+    uint32_t len = le32toh(len_le);
+    if (len == 0 || len % sizeof(capnp::word) || len > kMaxFrameBytes) throw Error("the stage in " + where_ + " is damaged");
+    auto words = kj::heapArray<capnp::word>(len / sizeof(capnp::word));
+    if (pread(fd_, words.begin(), len, static_cast<off_t>(pos_ + sizeof len_le)) != static_cast<ssize_t>(len))
+      throw Error("the stage in " + where_ + " is truncated");
+    pos_ += sizeof len_le + len;
+    return Frame::parse(kj::mv(words), "the stage in " + where_);
+  }
+
+ private:
+  int fd_;
+  uint64_t pos_ = 0;
+  std::string where_;
+};
+
+// Every file id on the volume and in the park, as O_PATH descriptors that follow renames.
+class FidIndex {
+ public:
+  ~FidIndex() {
+    for (auto& [fid, fd] : fds_) close(fd);
+  }
+  void scan(int dirfd, bool top) {
+    int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return;
+    DIR* d = fdopendir(fd);
+    if (!d) {
+      close(fd);
+      return;
+    }
+    std::vector<std::pair<std::string, bool>> names;
+    while (dirent* de = readdir(d)) {
+      if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+      if (top && !strcmp(de->d_name, kMetadataDirName)) continue;
+      names.emplace_back(de->d_name, de->d_type == DT_DIR);
+    }
+    closedir(d);
+    for (auto& [name, is_dir] : names) {
+      auto fid = read_file_id(dirfd, name.c_str());
+      if (fid) add(*fid, dirfd, name.c_str());
+      if (is_dir) {
+        int sub = openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (sub >= 0) {
+          scan(sub, false);
+          close(sub);
+        }
+      }
+    }
+  }
+  void add(FileId fid, int dirfd, const char* name) {
+    if (fds_.count(fid)) return;
+    int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0) fds_[fid] = fd;
+  }
+  int get(FileId fid) const {
+    auto it = fds_.find(fid);
+    return it == fds_.end() ? -1 : it->second;
+  }
+
+ private:
+  std::unordered_map<FileId, int> fds_;
+};
+
+struct StagedListing {
+  std::string path;
+  FileId fid = kInvalidFileId;
+  std::vector<NsEntryInfo> entries;
+};
+
+// Moves an entry that is in the way (or no longer wanted) out of the namespace into the park,
+// where its file id stays reachable until the stage is applied.
+void park(int dirfd, const std::string& name, int park_fd, uint64_t& counter, const std::string& where) {
+  for (;;) {
+    const std::string to = "p" + std::to_string(counter++);
+    if (renameat2(dirfd, name.c_str(), park_fd, to.c_str(), RENAME_NOREPLACE) == 0) return;
+    if (errno == EEXIST) continue;
+    if (errno == ENOENT) return;
+    throw_errno("cannot move " + name + " aside in " + where, errno);
+  }
+}
+
+void set_metadata(int dirfd, const NsEntryInfo& e, const std::string& where) {
+  const char* name = e.name.c_str();
+  if (fchownat(dirfd, name, e.uid, e.gid, AT_SYMLINK_NOFOLLOW) != 0) throw_errno("cannot chown " + where, errno);
+  if (!S_ISLNK(e.mode) && fchmodat(dirfd, name, e.mode & 07777, 0) != 0) throw_errno("cannot chmod " + where, errno);
+  if (S_ISLNK(e.mode)) return;  // user xattrs are not allowed on symlinks
+  const std::string proc = fd_path(dirfd, name);
+  auto have = list_xattrs(proc);
+  for (auto& [n, v] : have) {
+    bool keep = std::any_of(e.xattrs.begin(), e.xattrs.end(), [&](auto& x) { return x.first == n; });
+    if (!keep) lremovexattr(proc.c_str(), n.c_str());
+  }
+  for (auto& [n, v] : e.xattrs) {
+    if (n.rfind(kReservedXattrPrefix, 0) == 0) continue;
+    if (lsetxattr(proc.c_str(), n.c_str(), v.data(), v.size(), 0) != 0)
+      LOG_WARN("cannot set xattr %s on %s: %s", n.c_str(), where.c_str(), strerror(errno));
+  }
+}
+
+}  // namespace
+
+Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
+  (void)block_size;
+  Applied out;
+  out.lsn = committed_lsn();
+  const int root_fd = store.root_fd();
+  if (mkdirat(dir_fd_, kParkName, 0700) != 0 && errno != EEXIST) throw_errno("cannot create the park in " + where_, errno);
+  const int park_fd = openat(dir_fd_, kParkName, O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (park_fd < 0) throw_errno("cannot open the park in " + where_, errno);
+  struct Closer {
+    int fd;
+    ~Closer() { close(fd); }
+  } park_closer{park_fd};
+
+  // Pass 1: the listings (small), in the order they came: parents before children.
+  std::vector<StagedListing> listings;
+  {
+    FrameReader rd(dir_fd_, where_);
+    while (auto f = rd.next()) {
+      auto m = f->root();
+      if (m.which() == wire::Message::WELCOME) {
+        for (auto e : m.getWelcome().getLineage()) out.lineage.push_back({e.getId(), e.getFirstLsn()});
+      } else if (m.which() == wire::Message::DIR_LISTING) {
+        auto l = m.getDirListing();
+        StagedListing sl;
+        sl.path = text_of(l.getPath());
+        sl.fid = l.getFid();
+        for (auto e : l.getEntries()) sl.entries.push_back(from_wire(e));
+        listings.push_back(std::move(sl));
+      }
+    }
+  }
+  FidIndex index;
+  index.scan(root_fd, true);
+  index.scan(park_fd, false);
+  uint64_t counter = 0;
+  // Place every listed entry, moving whatever is in the way into the park.
+  for (const auto& l : listings) {
+    int dfd = open_dir_path(root_fd, l.path);
+    if (dfd < 0) {
+      LOG_WARN("stage of %s: directory '%s' is missing; skipped", where_.c_str(), l.path.c_str());
+      continue;
+    }
+    Closer dc{dfd};
+    std::set<std::string> wanted;
+    for (const auto& e : l.entries) {
+      wanted.insert(e.name);
+      const std::string p = join_path(l.path, e.name);
+      const char* name = e.name.c_str();
+      struct stat st;
+      bool present = fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0;
+      if (present) {
+        auto fid = read_file_id(dfd, name);
+        if (fid && *fid == e.fid && (st.st_mode & S_IFMT) == (e.mode & S_IFMT)) {
+          set_metadata(dfd, e, p);
+          continue;
+        }
+        park(dfd, e.name, park_fd, counter, where_);
+      }
+      out.entries++;
+      out.names.emplace_back(l.fid, e.name);
+      int have = index.get(e.fid);
+      struct stat hs;
+      if (have >= 0 && fstat(have, &hs) == 0 && (hs.st_mode & S_IFMT) == (e.mode & S_IFMT)) {
+        if (S_ISDIR(e.mode)) {
+          // A directory moved: rename it from wherever it is now.
+          char cur[4096];
+          ssize_t n = readlink(fd_path(have).c_str(), cur, sizeof cur - 1);
+          if (n <= 0) throw_errno("cannot locate directory " + p + " in " + where_, errno);
+          cur[n] = 0;
+          if (renameat(AT_FDCWD, cur, dfd, name) != 0) throw_errno("cannot move directory into " + p + " in " + where_, errno);
+        } else if (linkat(have, "", dfd, name, AT_EMPTY_PATH) != 0) {
+          throw_errno("cannot link " + p + " in " + where_, errno);
+        }
+      } else {
+        int rc;
+        if (S_ISDIR(e.mode)) rc = mkdirat(dfd, name, 0700);
+        else if (S_ISLNK(e.mode)) rc = symlinkat(e.link_target.c_str(), dfd, name);
+        else if (S_ISREG(e.mode)) {
+          int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+          rc = fd < 0 ? -1 : close(fd);
+        } else rc = mknodat(dfd, name, e.mode, static_cast<dev_t>(e.rdev));
+        if (rc != 0) throw_errno("cannot create " + p + " in " + where_, errno);
+        if (write_file_id(dfd, name, e.fid) != 0) throw_errno("cannot set the file id of " + p + " in " + where_, errno);
+        index.add(e.fid, dfd, name);
+        if (S_ISREG(e.mode) && store.hashes()) store.hashes()->created(e.fid);
+      }
+      set_metadata(dfd, e, p);
+    }
+    // Names the master does not have go to the park (deleted at the end).
+    int rfd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (DIR* d = rfd >= 0 ? fdopendir(rfd) : nullptr) {
+      std::vector<std::string> extra;
+      while (dirent* de = readdir(d)) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        if (l.path.empty() && !strcmp(de->d_name, kMetadataDirName)) continue;
+        if (!wanted.count(de->d_name)) extra.emplace_back(de->d_name);
+      }
+      closedir(d);
+      for (auto& n : extra) {
+        park(dfd, n, park_fd, counter, where_);
+        out.names.emplace_back(l.fid, n);
+      }
+    }
+  }
+
+  // Pass 2: data, through the store so the hash trees follow.
+  FileTable& files = store.files();
+  files.clear();
+  files.scan();
+  {
+    FrameReader rd(dir_fd_, where_);
+    while (auto f = rd.next()) {
+      auto m = f->root();
+      if (m.which() != wire::Message::BLOCK_DATA) continue;
+      auto d = m.getBlockData();
+      Record rec;
+      rec.op = Op::write;
+      rec.fid = d.getFid();
+      rec.offset = d.getOffset();
+      rec.data = std::string_view(reinterpret_cast<const char*>(d.getData().begin()), d.getData().size());
+      if (int err = store.apply(rec)) {
+        if (err == ENOENT) continue;  // not in the namespace (removed on the master meanwhile)
+        throw_errno("cannot write file " + std::to_string(rec.fid) + " in " + where_, err);
+      }
+      out.blocks += (d.getData().size() + block_size - 1) / block_size;
+    }
+  }
+  // Sizes and times as listed, after the data.
+  for (const auto& l : listings) {
+    for (const auto& e : l.entries) {
+      if (S_ISDIR(e.mode)) continue;
+      if (S_ISREG(e.mode)) {
+        Record t;
+        t.op = Op::truncate;
+        t.fid = e.fid;
+        t.offset = e.size;
+        if (int err = store.apply(t); err && err != ENOENT)
+          throw_errno("cannot size " + join_path(l.path, e.name) + " in " + where_, err);
+      }
+      int dfd = open_dir_path(root_fd, l.path);
+      if (dfd < 0) continue;
+      const timespec ts[2] = {{0, UTIME_OMIT}, e.mtime};
+      utimensat(dfd, e.name.c_str(), ts, AT_SYMLINK_NOFOLLOW);
+      close(dfd);
+    }
+  }
+
+  // Pass 3: the records that followed the diff, up to the commit point, tolerantly (some may
+  // already be reflected in what the diff sent).
+  {
+    FrameReader rd(dir_fd_, where_);
+    while (auto f = rd.next()) {
+      auto m = f->root();
+      if (m.which() != wire::Message::BATCH) continue;
+      for (auto wr : m.getBatch().getRecords()) {
+        Record rec = from_wire(wr, true);
+        if (rec.lsn > out.lsn) break;
+        if (rec.is_barrier()) continue;
+        if (int err = store.apply_replayed(rec))
+          throw Error("cannot apply " + rec.describe() + " to " + where_ + ": " + strerror(err), err);
+        out.records++;
+        if (rec.parent != kInvalidFileId) out.names.emplace_back(rec.parent, rec.name);
+        if (rec.parent2 != kInvalidFileId) out.names.emplace_back(rec.parent2, rec.name2);
+      }
+    }
+  }
+  // What is left in the park is what the master no longer has.
+  remove_tree_at(dir_fd_, kParkName);
+  files.clear();
+  files.scan();
+  return out;
+}
+
+}  // namespace blockrepl
