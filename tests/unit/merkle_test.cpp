@@ -1,0 +1,344 @@
+// Hash index, namespace snapshot, Merkle diff and staged switch, without FUSE: two volumes
+// driven by records through their Stores, the diff run over a socketpair between them.
+#include <gtest/gtest.h>
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+#include <algorithm>
+
+#include "blockrepl/error.h"
+#include "blockrepl/file_id.h"
+#include "blockrepl/hash_index.h"
+#include "blockrepl/merkle.h"
+#include "blockrepl/metadata.h"
+#include "blockrepl/namespace.h"
+#include "blockrepl/store.h"
+#include "blockrepl/wire.h"
+#include "temp_dir.h"
+
+namespace blockrepl {
+namespace {
+
+constexpr uint32_t kBs = 4096;
+
+std::string random_bytes(std::mt19937_64& rng, size_t n) {
+  std::string s(n, '\0');
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+// A backing directory with its metadata folder, a Store and a HashIndex, as a node has them.
+struct Volume {
+  TempDir dir;
+  int root_fd = -1, meta_fd = -1;
+  std::unique_ptr<Store> store;
+  std::unique_ptr<HashIndex> hashes;
+  Lsn lsn = 0;
+
+  Volume() {
+    mkdir((dir.path + "/" + kMetadataDirName).c_str(), 0700);
+    root_fd = open(dir.path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+    meta_fd = open((dir.path + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (write_file_id(root_fd, "", kRootFileId) != 0) throw std::runtime_error("tag root");
+    store = std::make_unique<Store>(root_fd, true);
+    open_hashes();
+  }
+  ~Volume() {
+    if (store) store->set_hashes(nullptr);
+    hashes.reset();
+    store.reset();
+    close(meta_fd);
+    close(root_fd);
+  }
+  void open_hashes() {
+    hashes = std::make_unique<HashIndex>(root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
+    store->set_hashes(hashes.get());
+  }
+  // Drops the index without saving (as SIGKILL would), then opens it again.
+  void crash_hashes() {
+    store->set_hashes(nullptr);
+    hashes.reset();
+    open_hashes();
+  }
+  std::string path(const std::string& rel) const { return dir.path + "/" + rel; }
+
+  int apply(Record r) {
+    r.lsn = ++lsn;
+    return store->apply(r);
+  }
+  FileId create(FileId parent, const std::string& name, mode_t mode = S_IFREG | 0644, FileId fid = 0) {
+    Record r;
+    r.op = S_ISDIR(mode) ? Op::mkdir : Op::create;
+    r.parent = parent;
+    r.name = name;
+    r.fid = fid ? fid : new_file_id();
+    r.mode = mode;
+    EXPECT_EQ(apply(r), 0) << name;
+    return r.fid;
+  }
+  void write(FileId fid, uint64_t off, const std::string& data) {
+    Record r;
+    r.op = Op::write;
+    r.fid = fid;
+    r.offset = off;
+    r.data = data;
+    EXPECT_EQ(apply(r), 0);
+  }
+  void truncate(FileId fid, uint64_t size) {
+    Record r;
+    r.op = Op::truncate;
+    r.fid = fid;
+    r.offset = size;
+    EXPECT_EQ(apply(r), 0);
+  }
+  void rename(FileId p1, const std::string& n1, FileId p2, const std::string& n2) {
+    Record r;
+    r.op = Op::rename;
+    r.parent = p1;
+    r.name = n1;
+    r.parent2 = p2;
+    r.name2 = n2;
+    EXPECT_EQ(apply(r), 0);
+  }
+  void unlink(FileId parent, const std::string& name, FileId fid, bool dir = false) {
+    Record r;
+    r.op = dir ? Op::rmdir : Op::unlink;
+    r.parent = parent;
+    r.name = name;
+    r.fid = fid;
+    EXPECT_EQ(apply(r), 0);
+  }
+  Hash128 fresh_root(const std::string& rel) {
+    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    fstat(fd, &st);
+    FileHashTree t(kBs);
+    t.build(fd, static_cast<uint64_t>(st.st_size));
+    close(fd);
+    return t.root();
+  }
+  Hash128 index_root(FileId fid, const std::string& rel) {
+    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
+    Hash128 h = hashes->root(fid, fd);
+    close(fd);
+    return h;
+  }
+};
+
+// A master volume whose contents are copied (with file ids) to a slave volume, as a full copy does.
+void copy_volume(const Volume& from, Volume& to) {
+  std::string cmd = "cp -a --preserve=all " + from.dir.path + "/. " + to.dir.path + "/ && rm -rf " + to.dir.path +
+                    "/.blockrepl/hashes/* " + to.dir.path + "/.blockrepl/dirty-log.*";
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  to.store->files().clear();
+  to.store->files().scan();
+  to.crash_hashes();
+}
+
+// Runs the diff between slave and master over a socketpair, stages, commits, applies.
+struct DiffRun {
+  DiffReport report;
+  Stage::Applied applied;
+  uint64_t wire_bytes = 0;
+};
+DiffRun merkle(Volume& master, Volume& slave, bool apply_twice = false) {
+  int sv[2];
+  EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  Connection mconn(sv[0], "slave"), sconn(sv[1], "master");
+  std::string server_error;
+  std::thread server([&] {
+    try {
+      serve_merkle_diff(mconn, master.root_fd, *master.hashes, true, false, 10000);
+    } catch (const std::exception& e) {
+      server_error = e.what();
+    }
+  });
+  DiffRun run;
+  Stage stage(slave.meta_fd, slave.dir.path, false);
+  stage.begin();
+  run.report = run_merkle_diff(sconn, slave.root_fd, *slave.hashes, &stage, false, 10000);
+  server.join();
+  EXPECT_EQ(server_error, "");
+  run.wire_bytes = sconn.bytes_received();
+  stage.commit(master.lsn);
+  run.applied = stage.apply(*slave.store, kBs);
+  if (apply_twice) run.applied = stage.apply(*slave.store, kBs);  // a crash during the first one
+  stage.discard();
+  return run;
+}
+
+// One line per entry (path, mode, size, content hash, file id), sorted.
+std::string tree_listing(const std::string& root) {
+  std::vector<std::string> lines;
+  for (auto& e : std::filesystem::recursive_directory_iterator(root)) {
+    std::string rel = e.path().string().substr(root.size());
+    if (rel.rfind("/.blockrepl", 0) == 0) continue;
+    struct stat st;
+    lstat(e.path().c_str(), &st);
+    std::string out = rel + " mode=" + std::to_string(st.st_mode);
+    if (S_ISREG(st.st_mode)) {
+      std::string data(static_cast<size_t>(st.st_size), '\0');
+      int fd = open(e.path().c_str(), O_RDONLY);
+      if (pread(fd, data.data(), data.size(), 0) != static_cast<ssize_t>(data.size())) out += " SHORT";
+      close(fd);
+      out += " size=" + std::to_string(st.st_size) + " data=" + hash_bytes(data.data(), data.size()).hex();
+    }
+    auto fid = read_file_id(AT_FDCWD, e.path().c_str());
+    out += " fid=" + std::to_string(fid.value_or(0)) + "\n";
+    lines.push_back(out);
+  }
+  std::sort(lines.begin(), lines.end());
+  std::string all;
+  for (auto& l : lines) all += l;
+  return all;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(HashIndex, TreeFollowsRecordsWithoutRereadingTheFile) {
+  Volume v;
+  std::mt19937_64 rng(1);
+  FileId f = v.create(kRootFileId, "f");
+  v.write(f, 0, random_bytes(rng, 1 << 20));
+  EXPECT_EQ(v.index_root(f, "f"), v.fresh_root("f"));
+  const uint64_t before = v.hashes->stats().blocks_hashed;
+  v.write(f, 12345, "changed");
+  v.write(f, (2 << 20) + 7, "past the end");
+  v.truncate(f, (1 << 20) + 100);
+  EXPECT_EQ(v.index_root(f, "f"), v.fresh_root("f"));
+  EXPECT_LE(v.hashes->stats().blocks_hashed - before, 3u) << "only the changed blocks are rehashed";
+  Record punch;
+  punch.op = Op::fallocate;
+  punch.fid = f;
+  punch.flags = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+  punch.offset = 8192;
+  punch.length = 3 * kBs;
+  ASSERT_EQ(v.apply(punch), 0);
+  EXPECT_EQ(v.index_root(f, "f"), v.fresh_root("f"));
+}
+
+TEST(HashIndex, CleanCloseSavesTreesAndTheNextStartRehashesNothing) {
+  Volume v;
+  std::mt19937_64 rng(2);
+  FileId f = v.create(kRootFileId, "f");
+  v.write(f, 0, random_bytes(rng, 4 << 20));
+  const Hash128 root = v.index_root(f, "f");
+  v.hashes->close_clean();
+  v.crash_hashes();  // reopen: the log is empty, so nothing is recovered
+  EXPECT_EQ(v.hashes->stats().recovered_files, 0u);
+  EXPECT_EQ(v.index_root(f, "f"), root);
+  EXPECT_EQ(v.hashes->stats().blocks_hashed, 0u) << "the saved tree was used";
+}
+
+TEST(HashIndex, UncleanStopRehashesOnlyLoggedExtents) {
+  Volume v;
+  std::mt19937_64 rng(3);
+  FileId f = v.create(kRootFileId, "f");
+  v.write(f, 0, random_bytes(rng, 32 << 20));  // 8192 blocks
+  v.index_root(f, "f");
+  ASSERT_TRUE(v.hashes->checkpoint());
+  // Changes after the checkpoint, then the daemon dies before the next one.
+  v.write(f, 5 << 20, "one");
+  v.write(f, (20 << 20) + 1, "two");
+  v.crash_hashes();
+  EXPECT_EQ(v.hashes->stats().recovered_files, 1u);
+  EXPECT_LE(v.hashes->stats().blocks_hashed, 2u * DirtyLog::kExtentSize / kBs) << "two 4 MiB extents at most";
+  EXPECT_EQ(v.index_root(f, "f"), v.fresh_root("f"));
+}
+
+TEST(Namespace, EqualVolumesHaveEqualRootsAndAnyChangeShows) {
+  Volume a, b;
+  FileId d = a.create(kRootFileId, "d", S_IFDIR | 0755);
+  FileId f = a.create(d, "f");
+  a.write(f, 0, "hello");
+  copy_volume(a, b);
+  auto ra = NamespaceSnapshot::take(a.root_fd, *a.hashes, false).root_hash();
+  EXPECT_EQ(ra, NamespaceSnapshot::take(b.root_fd, *b.hashes, false).root_hash());
+  chmod(b.path("d/f").c_str(), 0600);
+  EXPECT_NE(ra, NamespaceSnapshot::take(b.root_fd, *b.hashes, false).root_hash());
+}
+
+TEST(Merkle, ScatteredChangesSendOnlyTheirBlocks) {
+  Volume m, s;
+  std::mt19937_64 rng(4);
+  FileId f = m.create(kRootFileId, "vol");
+  m.write(f, 0, random_bytes(rng, 64 << 20));
+  copy_volume(m, s);
+  std::set<uint64_t> changed;
+  for (int i = 0; i < 20; i++) {
+    uint64_t blk = rng() % (16384);
+    changed.insert(blk);
+    m.write(f, blk * kBs, random_bytes(rng, kBs));
+  }
+  DiffRun r = merkle(m, s);
+  EXPECT_EQ(r.report.blocks, changed.size());
+  EXPECT_LT(r.wire_bytes, 300u * 1024) << "20 blocks and a few levels of hashes";
+  EXPECT_EQ(tree_listing(m.dir.path), tree_listing(s.dir.path));
+  EXPECT_EQ(s.index_root(f, "vol"), s.fresh_root("vol")) << "the slave's tree followed the staged writes";
+}
+
+TEST(Merkle, NamespaceChangesAndLocalChangesAreRepairedAndApplyIsIdempotent) {
+  Volume m, s;
+  std::mt19937_64 rng(5);
+  FileId d1 = m.create(kRootFileId, "d1", S_IFDIR | 0755);
+  FileId d2 = m.create(kRootFileId, "d2", S_IFDIR | 0755);
+  FileId a = m.create(d1, "a");
+  m.write(a, 0, random_bytes(rng, 100000));
+  FileId b = m.create(d2, "b");
+  m.write(b, 0, "bbbb");
+  FileId sub = m.create(d1, "sub", S_IFDIR | 0700);
+  FileId c = m.create(sub, "c");
+  m.write(c, 0, "cccc");
+  copy_volume(m, s);
+  // On the master while the slave is away:
+  m.rename(d1, "a", d2, "a-moved");        // across directories
+  m.rename(d1, "sub", d2, "sub-moved");    // a directory with contents
+  m.unlink(d2, "b", b);
+  FileId n = m.create(kRootFileId, "new");
+  m.write(n, 0, random_bytes(rng, 50000));
+  m.truncate(a, 4000);
+  FileId d3 = m.create(kRootFileId, "b", S_IFDIR | 0755);  // a name that was a file elsewhere
+  (void)d3;
+  // A local change on the slave the master never made.
+  {
+    int fd = open(s.path("d1/local").c_str(), O_CREAT | O_WRONLY, 0644);
+    ASSERT_GE(fd, 0);
+    close(fd);
+  }
+  DiffRun r = merkle(m, s, /*apply_twice=*/true);
+  EXPECT_EQ(tree_listing(m.dir.path), tree_listing(s.dir.path));
+  EXPECT_FALSE(std::filesystem::exists(s.path("d1/local")));
+  EXPECT_TRUE(std::filesystem::exists(s.path("d2/sub-moved/c")));
+  EXPECT_EQ(r.report.whole_files, 1u) << "only the new file is sent whole";
+}
+
+TEST(Merkle, StageWithoutCommitIsDiscarded) {
+  Volume s;
+  Stage stage(s.meta_fd, s.dir.path, false);
+  stage.begin();
+  EXPECT_FALSE(stage.committed());
+  Stage again(s.meta_fd, s.dir.path, false);
+  EXPECT_FALSE(again.committed());
+  again.begin();  // drops what the first one left
+  again.commit(7);
+  EXPECT_TRUE(again.committed());
+  EXPECT_EQ(again.committed_lsn(), 7u);
+  EXPECT_THROW(again.begin(), Error) << "a committed stage must be applied first";
+  again.discard();
+  EXPECT_FALSE(again.committed());
+}
+
+}  // namespace
+}  // namespace blockrepl
