@@ -143,7 +143,10 @@ void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
   }
   // A replica whose first copy never completed holds no LSN worth streaming from, but what it
   // holds still saves bytes in a Merkle diff; only a truly empty one needs a full copy.
-  h.setDurableLsn(complete ? state_.durable() : 0);
+  // A former master (mounted as a slave) may hold records up to what it reserved: its LSN then
+  // tells the master whether it wrote past the point where their histories forked.
+  h.setDurableLsn(me.role == "master" ? node_.last_lsn() : complete ? state_.durable() : 0);
+  h.setDiscardMyData(cfg_.discard_my_data);
   h.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(cfg_.ack)));
   h.setEmpty(me.cluster_id.empty() || data_dir_is_empty(node_.root_fd()));
   h.setListenAddress(cfg_.listen_address);

@@ -35,6 +35,7 @@ struct FollowerConfig {
   AckLevel ack = AckLevel::sync;
   bool no_fsync = false;
   bool exit_on_disconnect = false;
+  bool discard_my_data = false;  // a diverged node agrees to be rewritten to the master's state
   std::chrono::milliseconds master_timeout{5000};  // silence after which the master is presumed gone
 };
 

@@ -368,13 +368,41 @@ bool HashIndex::checkpoint() {
   return ok;
 }
 
+void HashIndex::refresh_dirty() {
+  std::vector<std::shared_ptr<Entry>> dirty;
+  {
+    std::lock_guard lk(map_mu_);
+    for (auto& [fid, e] : entries_) dirty.push_back(e);
+  }
+  for (auto& ep : dirty) {
+    Entry& e = *ep;
+    std::lock_guard el(e.mu);
+    if (!e.valid || !e.tree.dirty() || e.path_fd < 0) continue;
+    int rfd = reopen_readable(e.path_fd);
+    if (rfd < 0) continue;  // gone: the next checkpoint drops it
+    try {
+      blocks_hashed_ += e.tree.refresh(rfd);
+    } catch (const Error& err) {
+      LOG_DEBUG("hash trees: %s", err.what());
+    }
+    close(rfd);
+  }
+}
+
 void HashIndex::start_checkpoints() {
   checkpoint_thread_ = std::thread([this] {
     std::unique_lock lk(stop_mu_);
+    auto last_checkpoint = std::chrono::steady_clock::now();
     while (!stopping_) {
-      if (stop_cv_.wait_for(lk, kCheckpointInterval, [this] { return stopping_; })) break;
+      if (stop_cv_.wait_for(lk, kRefreshInterval, [this] { return stopping_; })) break;
       lk.unlock();
-      if (log_->entries() > 0) checkpoint();
+      // Hash what changed soon after it changed (from the page cache, off the write path), so
+      // that a re-attach finds the trees current instead of hashing a burst of writes then.
+      refresh_dirty();
+      if (std::chrono::steady_clock::now() - last_checkpoint >= kCheckpointInterval) {
+        if (log_->entries() > 0) checkpoint();
+        last_checkpoint = std::chrono::steady_clock::now();
+      }
       lk.lock();
     }
   });

@@ -36,6 +36,7 @@ struct HashIndexStats {
 class HashIndex {
  public:
   static constexpr auto kCheckpointInterval = std::chrono::seconds(30);
+  static constexpr auto kRefreshInterval = std::chrono::seconds(1);
 
   // root_fd: the backing directory (O_PATH is fine); meta_fd: its metadata folder. Recovers
   // after an unclean stop (syncs the data, rehashes logged extents, saves, clears the log).
@@ -72,7 +73,9 @@ class HashIndex {
   // made the data durable; then forgets the logged extents. Returns false (and keeps the log)
   // if syncing or saving failed.
   bool checkpoint();
-  // Starts the background checkpoints; stop_checkpoints() (or the destructor) ends them.
+  // Rehashes the blocks changed since the trees were last asked for (not saved: checkpoint()).
+  void refresh_dirty();
+  // Starts the background refreshes and checkpoints; stop_checkpoints() (or the destructor) ends them.
   void start_checkpoints();
   void stop_checkpoints();
   // A clean stop: a last checkpoint, so the next start rehashes nothing.

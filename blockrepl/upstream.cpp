@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cinttypes>
+#include <optional>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -54,6 +55,28 @@ std::vector<LineageEntry> get_lineage(capnp::List<wire::LineageEntry>::Reader in
   std::vector<LineageEntry> out;
   for (auto e : in) out.push_back({e.getId(), e.getFirstLsn()});
   return out;
+}
+
+// Where a slave's history left ours: nullopt if it did not (it holds nothing we lack), else the
+// last LSN the two histories share, and the lineage ids on each side after it.
+struct Fork {
+  Lsn lsn = 0;
+  std::string ours, theirs;
+};
+std::optional<Fork> find_fork(const std::vector<LineageEntry>& ours, const std::vector<LineageEntry>& theirs, Lsn lsn) {
+  size_t k = 0;
+  while (k < ours.size() && k < theirs.size() && ours[k] == theirs[k]) k++;
+  if (k == 0) {
+    if (theirs.empty()) return std::nullopt;
+    return Fork{0, ours.empty() ? "-" : ours.front().id, theirs.front().id};
+  }
+  // Their records after the last shared lineage are ours only up to where we moved on.
+  const Lsn ours_next = k < ours.size() ? ours[k].first_lsn : UINT64_MAX;
+  const Lsn theirs_next = k < theirs.size() ? theirs[k].first_lsn : UINT64_MAX;
+  const Lsn fork = std::min(ours_next, theirs_next);
+  if (fork == UINT64_MAX || lsn < fork) return std::nullopt;  // they hold only shared records
+  if (k == theirs.size() && ours_next == UINT64_MAX) return std::nullopt;
+  return Fork{fork - 1, k < ours.size() ? ours[k].id : ours.back().id, k < theirs.size() ? theirs[k].id : theirs.back().id};
 }
 
 // Whether a slave whose history is `theirs` and which holds every record up to `lsn` has only
@@ -189,6 +212,19 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
     s.level = std::min(cfg_.ack, static_cast<AckLevel>(static_cast<int>(hello.getAckLevel())));
 
     HashIndex* hashes = node_.store().hashes();
+    // Two histories are never merged silently: a node that wrote after its history left ours
+    // (a former master after a failover) is rewritten only if its operator said so.
+    if (!empty && hello.getPurpose() == wire::Purpose::ATTACH) {
+      auto fork = find_fork(me.lineage, get_lineage(hello.getLineage()), hello.getDurableLsn());
+      if (fork && !hello.getDiscardMyData())
+        refuse("diverged: this node's history (lineage " + fork->theirs + ") forked from the master's (lineage " + fork->ours +
+               ") after lsn " + std::to_string(fork->lsn) + "; mount it with --discard-my-data to rewrite it to the master's state");
+      if (fork)
+        LOG_WARN("slave %s diverged after lsn %" PRIu64 " (its lineage %s, ours %s): rewriting it as it asked", conn.peer().c_str(),
+                 fork->lsn, fork->theirs.c_str(), fork->ours.c_str());
+      else if (hello.getDiscardMyData())
+        LOG_INFO("slave %s asked to discard its data but has not diverged: nothing of it is discarded", conn.peer().c_str());
+    }
     if (hello.getPurpose() == wire::Purpose::VERIFY) {
       if (!hashes) refuse("this node keeps no hash trees");
       if (empty || their_cluster != me.cluster_id) refuse("verify: the slave is not a replica of cluster " + me.cluster_id);

@@ -37,7 +37,7 @@ class Filesystem {
   // applying each record, never from inside a file-system operation).
   CacheInvalidator* invalidator();
 
-  void set_read_only(bool ro) { cfg_.read_only = ro; }
+  void set_read_only(bool ro);
   bool read_only() const { return cfg_.read_only; }
   fuse_session* session() { return se_; }
 

@@ -71,6 +71,7 @@ struct Hello {
   listenAddress @9 :Text;    # where this slave serves its own slaves ("" if it does not)
   purpose @10 :Purpose;      # attach (and stream), or only compare trees (verify)
   deep @11 :Bool;            # verify: rehash the data on both sides first
+  discardMyData @12 :Bool;   # a diverged node agrees to be rewritten to the master's state
 }
 
 enum Purpose {

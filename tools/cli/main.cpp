@@ -27,6 +27,8 @@ int main(int argc, char** argv) {
   mount_cmd->add_option("--block-size", mount.block_size, "hash block size, fixed when the volume is created (default 4096)");
   mount_cmd->add_flag("--no-fsync", mount.no_fsync, "slave: do not fsync applied records (faster, not durable)");
   mount_cmd->add_flag("--exit-on-disconnect", mount.exit_on_disconnect, "slave: exit non-zero when the master is lost");
+  mount_cmd->add_flag("--discard-my-data", mount.discard_my_data,
+                      "slave: a diverged node (a former master) rejoins and is rewritten to its master's state");
 
   std::string umount_point;
   bool lazy = false;
@@ -39,6 +41,10 @@ int main(int argc, char** argv) {
   auto* status_cmd = app.add_subcommand("status", "show role, LSNs, peers and lag of the daemon behind MOUNTPOINT");
   status_cmd->add_option("mountpoint", status_point, "the mount point")->required();
   status_cmd->add_flag("--json", status_json, "one JSON object");
+
+  std::string promote_point;
+  auto* promote_cmd = app.add_subcommand("promote", "turn the slave behind MOUNTPOINT into a master (failover)");
+  promote_cmd->add_option("mountpoint", promote_point, "the slave's mount point")->required();
 
   std::string verify_point;
   bool verify_deep = false;
@@ -63,7 +69,7 @@ int main(int argc, char** argv) {
         }
     // CLI11 reports an unknown subcommand as a missing one; name what was given instead.
     if (argc > 1 && argv[1][0] != '-' && !app.get_subcommands().size()) {
-      fprintf(stderr, "blockrepl: unknown command '%s' (commands: mount, umount, status, verify; see blockrepl --help)\n", argv[1]);
+      fprintf(stderr, "blockrepl: unknown command '%s' (commands: mount, umount, status, verify, promote; see blockrepl --help)\n", argv[1]);
       return 2;
     }
     fprintf(stderr, "blockrepl: %s (see blockrepl --help)\n", e.what());
@@ -77,5 +83,6 @@ int main(int argc, char** argv) {
   if (*umount_cmd) return run_umount(umount_point, lazy);
   if (*status_cmd) return run_status(status_point, status_json);
   if (*verify_cmd) return run_verify(verify_point, verify_deep);
+  if (*promote_cmd) return run_promote(promote_point);
   return 2;
 }

@@ -134,6 +134,8 @@ struct Daemon {
   AckLevel ack = AckLevel::sync;
   bool no_fsync = false;
   std::atomic<int> exit_code{0};
+  std::atomic<bool> promoted{false};  // a slave turned master by `blockrepl promote`
+  std::mutex promote_mu;
 };
 
 // A progress line on the terminal while a foreground mount takes its first copy (it can take a
@@ -178,7 +180,7 @@ nlohmann::json status_json(Daemon& d) {
   using nlohmann::json;
   const Identity id = d.node->identity();
   json j;
-  const bool slave = d.follower != nullptr;
+  const bool slave = d.follower != nullptr && !d.promoted;
   j["role"] = slave ? "slave" : "master";
   j["node_id"] = id.node_id;
   j["cluster_id"] = id.cluster_id;
@@ -219,10 +221,37 @@ nlohmann::json status_json(Daemon& d) {
   return j;
 }
 
+// A promote request: this slave stops following, starts a new lineage after its last LSN and
+// becomes writable; its own slaves keep streaming from it.
+nlohmann::json promote_json(Daemon& d) {
+  using nlohmann::json;
+  std::lock_guard lk(d.promote_mu);
+  if (!d.follower || d.promoted) return json{{"error", "this node is already a master"}};
+  try {
+    if (!d.follower->has_data()) return json{{"error", "this replica never completed an attach: it holds nothing to serve"}};
+    d.follower->stop();
+    // What was applied becomes durable before the new history starts after it.
+    if (int err = d.node->store().sync_all()) throw_errno("cannot sync " + d.node->data_path(), err);
+    const Lsn last = d.node->last_lsn();
+    const std::string lineage = random_hex_id(8);
+    d.node->update_identity([&](Identity& id) {
+      id.lineage.push_back({lineage, last + 1});
+      id.role = "master";
+    });
+    if (d.upstream) d.node->set_barrier_waiter([u = d.upstream.get()](Lsn lsn) { return u->wait_barrier(lsn); });
+    d.filesystem->set_read_only(false);
+    d.promoted = true;
+    LOG_WARN("promoted to master at lsn %llu: new lineage %s", static_cast<unsigned long long>(last), lineage.c_str());
+    return json{{"promoted", true}, {"lsn", last}, {"lineage", lineage}};
+  } catch (const std::exception& e) {
+    return json{{"error", e.what()}};
+  }
+}
+
 // A verify request: compare this replica's trees with its master's.
 nlohmann::json verify_json(Daemon& d, bool deep) {
   using nlohmann::json;
-  if (!d.follower) return json{{"error", "this node is a master: run verify on a slave"}};
+  if (!d.follower || d.promoted) return json{{"error", "this node is a master: run verify on a slave"}};
   try {
     // Compared while records keep arriving: a difference may only be a record in flight, so
     // differences count only if a second comparison, once we hold what the master had at
@@ -315,8 +344,8 @@ int run_mount(const MountOptions& opts) {
         i.role = "master";
       });
     }
-    if (slave && id.role == "master")
-      throw Error(data_abs + " holds a master's volume: mounting it as a slave would discard its history (re-joining a former master is not supported yet)");
+    // A former master mounted as a slave: its new master refuses it if it wrote after their
+    // histories forked (unless --discard-my-data), and rewrites it by Merkle diff otherwise.
     // Hash trees for the Merkle re-attach, kept current from here on (recovered first if the
     // last stop was unclean).
     d.hashes = std::make_unique<HashIndex>(d.node->root_fd(), d.node->meta_fd(), data_abs, d.node->identity().block_size,
@@ -337,6 +366,7 @@ int run_mount(const MountOptions& opts) {
       fc.listen_address = opts.listen;
       fc.no_fsync = opts.no_fsync;
       fc.exit_on_disconnect = opts.exit_on_disconnect;
+      fc.discard_my_data = opts.discard_my_data;
       fc.master_timeout = std::max(ack_timeout, std::chrono::milliseconds(3000));
       d.follower = std::make_unique<Follower>(*d.node, fc);
       if (!d.follower->has_data()) {
@@ -374,6 +404,7 @@ int run_mount(const MountOptions& opts) {
     d.filesystem = std::make_unique<fs::Filesystem>(*d.node, cfg);
     d.control = std::make_unique<ControlServer>(control_socket_name(d.node->identity().node_id), [&d](const std::string& req) {
       if (req == "status") return status_json(d).dump();
+      if (req == "promote") return promote_json(d).dump();
       if (req == "verify" || req == "verify deep") return verify_json(d, req == "verify deep").dump();
       return std::string("{\"error\":\"unknown request\"}");
     });
@@ -477,6 +508,42 @@ int run_umount(const std::string& mountpoint, bool lazy) {
 }  // namespace blockrepl::cli
 
 namespace blockrepl::cli {
+
+int run_promote(const std::string& mountpoint) {
+  char buf[PATH_MAX];
+  if (!realpath(mountpoint.c_str(), buf)) {
+    fprintf(stderr, "blockrepl: mount point %s: %s\n", mountpoint.c_str(), strerror(errno));
+    return 1;
+  }
+  auto data = blockrepl_data_dir_of(buf);
+  if (!data) {
+    fprintf(stderr, "blockrepl: %s is not a blockrepl mount\n", buf);
+    return 1;
+  }
+  std::string resp;
+  try {
+    int meta = open((*data + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (meta < 0) throw_errno("cannot open " + *data + "/" + kMetadataDirName, errno);
+    Identity id = load_or_create_identity(meta, *data);
+    close(meta);
+    resp = control_request(control_socket_name(id.node_id), "promote", 60000);
+  } catch (const std::exception& e) {
+    fprintf(stderr, "blockrepl: promote %s: %s\n", buf, e.what());
+    return 1;
+  }
+  nlohmann::json j = nlohmann::json::parse(resp, nullptr, false);
+  if (j.is_discarded()) {
+    fprintf(stderr, "blockrepl: promote %s: bad answer from the daemon\n", buf);
+    return 1;
+  }
+  if (j.contains("error")) {
+    fprintf(stderr, "blockrepl: promote %s: %s\n", buf, j["error"].get<std::string>().c_str());
+    return 1;
+  }
+  printf("%s is now a master (new lineage %s after lsn %llu)\n", buf, j["lineage"].get<std::string>().c_str(),
+         static_cast<unsigned long long>(j["lsn"].get<uint64_t>()));
+  return 0;
+}
 
 int run_verify(const std::string& mountpoint, bool deep) {
   char buf[PATH_MAX];

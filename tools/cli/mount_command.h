@@ -22,11 +22,13 @@ struct MountOptions {
   std::string journal_size = "256M";
   bool no_fsync = false;
   bool exit_on_disconnect = false;
+  bool discard_my_data = false;
   uint32_t block_size = 0;  // 0: the volume's (4096 for a new one)
 };
 
 int run_mount(const MountOptions& opts);
 int run_umount(const std::string& mountpoint, bool lazy);
+int run_promote(const std::string& mountpoint);
 int run_verify(const std::string& mountpoint, bool deep);
 int run_status(const std::string& mountpoint, bool json);
 
