@@ -145,7 +145,8 @@ void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
   // holds still saves bytes in a Merkle diff; only a truly empty one needs a full copy.
   // A former master (mounted as a slave) may hold records up to what it reserved: its LSN then
   // tells the master whether it wrote past the point where their histories forked.
-  h.setDurableLsn(me.role == "master" ? node_.last_lsn() : complete ? state_.durable() : 0);
+  hello_lsn_ = me.role == "master" ? node_.last_lsn() : complete ? state_.durable() : 0;
+  h.setDurableLsn(hello_lsn_);
   h.setDiscardMyData(cfg_.discard_my_data);
   h.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(cfg_.ack)));
   h.setEmpty(me.cluster_id.empty() || data_dir_is_empty(node_.root_fd()));
@@ -183,6 +184,7 @@ void Follower::handshake(Connection& conn) {
   std::vector<LineageEntry> lineage;
   for (auto e : w.getLineage()) lineage.push_back({e.getId(), e.getFirstLsn()});
 
+  if (w.getNotice().size() > 0) LOG_WARN("master %s: %s", cfg_.master_address.c_str(), w.getNotice().cStr());
   attach_started_ = std::chrono::steady_clock::now();
   {
     std::lock_guard lk(status_mu_);
@@ -211,9 +213,9 @@ void Follower::handshake(Connection& conn) {
     node_.set_last_lsn(start);
   } else if (w.getMethod() == wire::AttachMethod::STREAM) {
     method_ = "stream";
-    if (start != state_.durable())
+    if (start != hello_lsn_)
       throw Error("master " + cfg_.master_address + " offered to stream from lsn " + std::to_string(start) +
-                      " but this replica is durable at " + std::to_string(state_.durable()),
+                      " but this replica is at " + std::to_string(hello_lsn_),
                   EPROTO);
     node_.update_identity([&](Identity& id) {
       id.lineage = lineage;
@@ -226,6 +228,13 @@ void Follower::handshake(Connection& conn) {
     complete_at_ = 0;
     last_lsn_ = start;
     node_.set_last_lsn(start);
+    if (cfg_.stage_stream) {
+      stage_->begin();
+      stage_->add(*frame);
+      stage_target_ = w.getLastLsn();
+      staging_ = true;
+      if (last_lsn_ >= stage_target_) commit_stage(conn, last_lsn_);
+    }
   } else if (w.getMethod() == wire::AttachMethod::MERKLE) {
     method_ = "merkle";
     HashIndex* hashes = node_.store().hashes();
@@ -349,6 +358,7 @@ void Follower::stream(Connection& conn) {
         else apply_batch(conn, msg.getBatch());
         break;
       case wire::Message::HEARTBEAT: {
+        adopt_lineage(msg.getHeartbeat().getLineage());
         if (staging_) {
           // The master is idle and we hold everything it has: the stage is a state it was in.
           if (last_lsn_ >= stage_target_ && msg.getHeartbeat().getLsn() <= last_lsn_) commit_stage(conn, last_lsn_);
@@ -378,6 +388,18 @@ void Follower::stream(Connection& conn) {
         throw Error("unexpected message from master " + cfg_.master_address, EPROTO);
     }
   }
+}
+
+void Follower::adopt_lineage(capnp::List<wire::LineageEntry>::Reader in) {
+  if (in.size() == 0) return;
+  std::vector<LineageEntry> theirs;
+  for (auto e : in) theirs.push_back({e.getId(), e.getFirstLsn()});
+  const Identity me = node_.identity();
+  // Only an extension of what we hold: our master was promoted and continues our history.
+  if (theirs.size() <= me.lineage.size() || !std::equal(me.lineage.begin(), me.lineage.end(), theirs.begin())) return;
+  node_.update_identity([&](Identity& id) { id.lineage = theirs; });
+  LOG_INFO("master %s started lineage %s at lsn %" PRIu64 "; following it", cfg_.master_address.c_str(), theirs.back().id.c_str(),
+           theirs.back().first_lsn);
 }
 
 void Follower::stage_batch(Connection& conn, Frame& frame) {

@@ -36,6 +36,9 @@ struct FollowerConfig {
   bool no_fsync = false;
   bool exit_on_disconnect = false;
   bool discard_my_data = false;  // a diverged node agrees to be rewritten to the master's state
+  // Stage even a stream catch-up and switch to it at once at a barrier (pull: an interrupted
+  // update leaves the previous state, never a prefix of the missed records).
+  bool stage_stream = false;
   std::chrono::milliseconds master_timeout{5000};  // silence after which the master is presumed gone
 };
 
@@ -69,6 +72,8 @@ class Follower {
 
   // Whether this replica holds a completed copy it can serve before reaching its master.
   bool has_data() const;
+  // Whether the replica is consistent and nothing is staged (a pull is complete).
+  bool complete() const { return state_.attach_complete() && !staging_; }
   // One attach attempt, synchronously, until the replica is consistent (for an empty replica,
   // before its mount is offered). Throws Error / FatalAttachError.
   void attach_now();
@@ -93,6 +98,7 @@ class Follower {
   void stream(Connection& conn);
   void apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn applied_upto = 0);
   void stage_batch(Connection& conn, Frame& frame);
+  void adopt_lineage(capnp::List<wire::LineageEntry>::Reader lineage);
   void commit_stage(Connection& conn, Lsn lsn);
   void finish_stage();  // applies a committed stage and makes it the replica's state
   void send_hello(Connection& conn, wire::Purpose purpose, bool deep);
@@ -111,6 +117,7 @@ class Follower {
   std::unique_ptr<Stage> stage_;
   bool staging_ = false;    // a Merkle attach: what arrives goes to the stage
   Lsn stage_target_ = 0;    // ... until a barrier at or past this LSN
+  Lsn hello_lsn_ = 0;       // the LSN our last hello claimed
   std::function<void(int, const std::string&)> on_exit_;
 
   // Session state.

@@ -97,7 +97,8 @@ bool on_our_history(const std::vector<LineageEntry>& ours, const std::vector<Lin
 
 }  // namespace
 
-void Upstream::send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level) {
+void Upstream::send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level,
+                            const std::string& notice) {
   capnp::MallocMessageBuilder mb;
   auto w = mb.initRoot<wire::Message>().initWelcome();
   w.setProtocolVersion(kProtocolVersion);
@@ -109,6 +110,7 @@ void Upstream::send_welcome(Connection& conn, const Identity& me, wire::AttachMe
   w.setStartLsn(start_lsn);
   w.setLastLsn(node_.last_lsn());
   w.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(level)));
+  w.setNotice(notice);
   conn.send(mb);
 }
 
@@ -152,18 +154,23 @@ void Upstream::accept_loop() {
     setsockopt(conn->fd(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     auto s = std::make_shared<Session>();
     s->conn = std::move(conn);
-    std::lock_guard lk(mu_);
-    // Reap sessions that ended.
-    for (auto it = sessions_.begin(); it != sessions_.end();) {
-      if ((*it)->dead && (*it)->thread.joinable()) {
-        (*it)->thread.join();
-        it = sessions_.erase(it);
-      } else {
-        ++it;
+    // Reap sessions that ended; joined outside the lock, which their last steps still take.
+    std::list<std::shared_ptr<Session>> ended;
+    {
+      std::lock_guard lk(mu_);
+      for (auto it = sessions_.begin(); it != sessions_.end();) {
+        if ((*it)->dead) {
+          ended.push_back(*it);
+          it = sessions_.erase(it);
+        } else {
+          ++it;
+        }
       }
+      sessions_.push_back(s);
+      s->thread = std::thread([this, s] { serve(s); });
     }
-    sessions_.push_back(s);
-    s->thread = std::thread([this, s] { serve(s); });
+    for (auto& e : ended)
+      if (e->thread.joinable()) e->thread.join();
   }
 }
 
@@ -212,6 +219,7 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
     s.level = std::min(cfg_.ack, static_cast<AckLevel>(static_cast<int>(hello.getAckLevel())));
 
     HashIndex* hashes = node_.store().hashes();
+    std::string notice;
     // Two histories are never merged silently: a node that wrote after its history left ours
     // (a former master after a failover) is rewritten only if its operator said so.
     if (!empty && hello.getPurpose() == wire::Purpose::ATTACH) {
@@ -222,8 +230,10 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       if (fork)
         LOG_WARN("slave %s diverged after lsn %" PRIu64 " (its lineage %s, ours %s): rewriting it as it asked", conn.peer().c_str(),
                  fork->lsn, fork->theirs.c_str(), fork->ours.c_str());
-      else if (hello.getDiscardMyData())
+      else if (hello.getDiscardMyData()) {
         LOG_INFO("slave %s asked to discard its data but has not diverged: nothing of it is discarded", conn.peer().c_str());
+        notice = "--discard-my-data: this node has not diverged from the master; nothing is discarded";
+      }
     }
     if (hello.getPurpose() == wire::Purpose::VERIFY) {
       if (!hashes) refuse("this node keeps no hash trees");
@@ -261,7 +271,7 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       if (!reader) throw Error("cannot start an attach: journal unavailable");
       start_lsn = reader->taken;
     }
-    send_welcome(conn, me, method, start_lsn, s.level);
+    send_welcome(conn, me, method, start_lsn, s.level, notice);
     LOG_INFO("slave %s (node %s) attaching by %s from lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(),
              method == wire::AttachMethod::FULL ? "full copy" : method == wire::AttachMethod::MERKLE ? "Merkle diff" : "stream",
              start_lsn);
@@ -305,7 +315,18 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
 void Upstream::stream(Session& s, std::shared_ptr<Journal::Reader> reader) {
   std::vector<RecordPtr> batch;
   auto last_send = std::chrono::steady_clock::now();
+  size_t lineage_sent = node_.identity().lineage.size();
   while (!s.dead && !stopping_) {
+    // A promotion here started a new lineage: our slaves adopt it, so that they can resume from
+    // us (or a sibling on it) by stream later.
+    if (Identity me = node_.identity(); me.lineage.size() != lineage_sent) {
+      capnp::MallocMessageBuilder mb;
+      auto hb = mb.initRoot<wire::Message>().initHeartbeat();
+      hb.setLsn(node_.last_lsn());
+      set_lineage(hb.initLineage(static_cast<unsigned>(me.lineage.size())), me.lineage);
+      s.conn->send(mb);
+      lineage_sent = me.lineage.size();
+    }
     batch.clear();
     if (!journal_.read(reader, batch, 4u << 20, std::chrono::milliseconds(200))) {
       if (reader->cut_off) throw Error("it fell too far behind the journal");

@@ -63,7 +63,8 @@ class Upstream {
  private:
   struct Session;
   void accept_loop();
-  void send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level);
+  void send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level,
+                    const std::string& notice = {});
   void serve(std::shared_ptr<Session> s);
   void stream(Session& s, std::shared_ptr<Journal::Reader> reader);
   void read_acks(std::shared_ptr<Session> s);

@@ -90,6 +90,7 @@ struct Welcome {
   lastLsn @7 :UInt64;        # the master's last LSN now: a re-attaching slave may already hold
                              # some of the records up to here, and applies them tolerantly
   ackLevel @8 :AckLevel;     # what the master will wait for from this slave
+  notice @9 :Text;           # something the slave should tell its operator ("" if nothing)
 }
 
 # One change. Field meanings follow blockrepl/record.h.
@@ -127,6 +128,7 @@ struct Ack {
 
 struct Heartbeat {
   lsn @0 :UInt64;    # sender's last LSN
+  lineage @1 :List(LineageEntry);  # sender's history, when it changed (a promotion upstream)
 }
 
 struct Xattr {

@@ -42,6 +42,15 @@ int main(int argc, char** argv) {
   status_cmd->add_option("mountpoint", status_point, "the mount point")->required();
   status_cmd->add_flag("--json", status_json, "one JSON object");
 
+  std::string pull_address, pull_dir;
+  int pull_verbose = 0;
+  bool pull_quiet = false;
+  auto* pull_cmd = app.add_subcommand("pull", "update the unmounted DIR to a consistent state of the master at HOST:PORT; exit 0 iff complete");
+  pull_cmd->add_option("address", pull_address, "the master, HOST:PORT")->required();
+  pull_cmd->add_option("dir", pull_dir, "the directory to update (a cold standby or backup)")->required();
+  pull_cmd->add_flag("-v,--verbose", pull_verbose, "log what happens (-vv for debug)");
+  pull_cmd->add_flag("-q,--quiet", pull_quiet, "print nothing unless something is wrong (for cron)");
+
   std::string promote_point;
   auto* promote_cmd = app.add_subcommand("promote", "turn the slave behind MOUNTPOINT into a master (failover)");
   promote_cmd->add_option("mountpoint", promote_point, "the slave's mount point")->required();
@@ -69,7 +78,7 @@ int main(int argc, char** argv) {
         }
     // CLI11 reports an unknown subcommand as a missing one; name what was given instead.
     if (argc > 1 && argv[1][0] != '-' && !app.get_subcommands().size()) {
-      fprintf(stderr, "blockrepl: unknown command '%s' (commands: mount, umount, status, verify, promote; see blockrepl --help)\n", argv[1]);
+      fprintf(stderr, "blockrepl: unknown command '%s' (commands: mount, umount, status, verify, promote, pull; see blockrepl --help)\n", argv[1]);
       return 2;
     }
     fprintf(stderr, "blockrepl: %s (see blockrepl --help)\n", e.what());
@@ -84,5 +93,6 @@ int main(int argc, char** argv) {
   if (*status_cmd) return run_status(status_point, status_json);
   if (*verify_cmd) return run_verify(verify_point, verify_deep);
   if (*promote_cmd) return run_promote(promote_point);
+  if (*pull_cmd) return run_pull(pull_address, pull_dir, pull_quiet ? -1 : pull_verbose);
   return 2;
 }

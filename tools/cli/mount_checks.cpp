@@ -1,5 +1,8 @@
 #include "tools/cli/mount_checks.h"
 
+#include "blockrepl/error.h"
+#include "blockrepl/metadata.h"
+
 #include <cerrno>
 #include <cstdio>
 #include <utility>
@@ -8,6 +11,8 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -120,6 +125,32 @@ std::optional<std::string> check_mount_paths(const std::string& data, const std:
   if (access(data_abs->c_str(), R_OK | W_OK | X_OK) != 0)
     return "data directory " + *data_abs + " is not writable: " + strerror(errno);
   return std::nullopt;
+}
+
+// One daemon per data directory: an exclusive lock held for the daemon's life.
+int lock_data_dir(const std::string& data_abs) {
+  std::string meta = data_abs + "/" + kMetadataDirName;
+  if (mkdir(meta.c_str(), 0700) != 0 && errno != EEXIST) throw_errno("cannot create " + meta, errno);
+  std::string lock_path = meta + "/lock";
+  int fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) throw_errno("cannot open " + lock_path, errno);
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int e = errno;
+    close(fd);
+    if (e == EWOULDBLOCK) {
+      std::string pid;
+      if (FILE* f = fopen((meta + "/" + kPidFile).c_str(), "r")) {
+        char buf[32] = {0};
+        if (fgets(buf, sizeof buf, f)) pid = buf;
+        fclose(f);
+        while (!pid.empty() && (pid.back() == '\n')) pid.pop_back();
+      }
+      throw Error("data directory " + data_abs + " is already in use by another blockrepl daemon" +
+                  (pid.empty() ? "" : " (pid " + pid + ")"));
+    }
+    throw_errno("cannot lock " + lock_path, e);
+  }
+  return fd;
 }
 
 }  // namespace blockrepl::cli

@@ -20,4 +20,10 @@ bool is_mount_point(const std::string& path);
 // `path` is not a blockrepl mount.
 std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs);
 
+// One daemon (or pull) per data directory: takes an exclusive lock on DATA/.blockrepl/lock held
+// until the returned descriptor is closed; throws Error naming the daemon that holds it.
+int lock_data_dir(const std::string& data_abs);
+
+inline constexpr const char kPidFile[] = "daemon.pid";
+
 }  // namespace blockrepl::cli

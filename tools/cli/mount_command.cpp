@@ -37,33 +37,7 @@ namespace blockrepl::cli {
 
 namespace {
 
-constexpr const char kPidFile[] = "daemon.pid";
 
-// One daemon per data directory: an exclusive lock held for the daemon's life.
-int lock_data_dir(const std::string& data_abs) {
-  std::string meta = data_abs + "/" + kMetadataDirName;
-  if (mkdir(meta.c_str(), 0700) != 0 && errno != EEXIST) throw_errno("cannot create " + meta, errno);
-  std::string lock_path = meta + "/lock";
-  int fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) throw_errno("cannot open " + lock_path, errno);
-  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    int e = errno;
-    close(fd);
-    if (e == EWOULDBLOCK) {
-      std::string pid;
-      if (FILE* f = fopen((meta + "/" + kPidFile).c_str(), "r")) {
-        char buf[32] = {0};
-        if (fgets(buf, sizeof buf, f)) pid = buf;
-        fclose(f);
-        while (!pid.empty() && (pid.back() == '\n')) pid.pop_back();
-      }
-      throw Error("data directory " + data_abs + " is already in use by another blockrepl daemon" +
-                  (pid.empty() ? "" : " (pid " + pid + ")"));
-    }
-    throw_errno("cannot lock " + lock_path, e);
-  }
-  return fd;
-}
 
 void write_pid_file(const std::string& data_abs) {
   std::string path = data_abs + "/" + kMetadataDirName + "/" + kPidFile;

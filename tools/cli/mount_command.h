@@ -28,6 +28,8 @@ struct MountOptions {
 
 int run_mount(const MountOptions& opts);
 int run_umount(const std::string& mountpoint, bool lazy);
+// verbosity: -1 quiet (errors only), 0 a summary line, 1 info, 2 debug.
+int run_pull(const std::string& address, const std::string& dir, int verbosity);
 int run_promote(const std::string& mountpoint);
 int run_verify(const std::string& mountpoint, bool deep);
 int run_status(const std::string& mountpoint, bool json);
