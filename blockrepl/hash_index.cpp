@@ -162,6 +162,12 @@ int HashIndex::before_change(const Record& rec, int fd) {
   switch (rec.op) {
     case Op::write:
       must_sync = log_->note(rec.fid, rec.offset, rec.data.size());
+      if (must_sync) {
+        // The same sync also covers the extents that follow: a sequential writer then pays
+        // one log sync per kPrelogExtents extents instead of one per extent.
+        const uint64_t next = (rec.offset + rec.data.size() + DirtyLog::kExtentSize - 1) & ~(DirtyLog::kExtentSize - 1);
+        log_->note(rec.fid, next, kPrelogExtents * DirtyLog::kExtentSize);
+      }
       break;
     case Op::truncate:
     case Op::fallocate: {

@@ -37,6 +37,8 @@ class HashIndex {
  public:
   static constexpr auto kCheckpointInterval = std::chrono::seconds(30);
   static constexpr auto kRefreshInterval = std::chrono::seconds(1);
+  // Extents logged ahead of a write into a new extent (see before_change): 15 x 4 MiB.
+  static constexpr uint64_t kPrelogExtents = 15;
 
   // root_fd: the backing directory (O_PATH is fine); meta_fd: its metadata folder. Recovers
   // after an unclean stop (syncs the data, rehashes logged extents, saves, clears the log).
