@@ -163,10 +163,14 @@ int HashIndex::before_change(const Record& rec, int fd) {
     case Op::write:
       must_sync = log_->note(rec.fid, rec.offset, rec.data.size());
       if (must_sync) {
-        // The same sync also covers the extents that follow: a sequential writer then pays
-        // one log sync per kPrelogExtents extents instead of one per extent.
-        const uint64_t next = (rec.offset + rec.data.size() + DirtyLog::kExtentSize - 1) & ~(DirtyLog::kExtentSize - 1);
-        log_->note(rec.fid, next, kPrelogExtents * DirtyLog::kExtentSize);
+        // A writer that moved on from the previous extent writes sequentially: the same sync
+        // also logs the extents ahead of it, so it pays one log sync per 1 + kPrelogExtents
+        // extents. Random writers (databases) log only what they touch.
+        const uint64_t extent = rec.offset >> DirtyLog::kExtentShift;
+        if (extent > 0 && log_->logged(rec.fid, extent - 1)) {
+          const uint64_t next = (rec.offset + rec.data.size() + DirtyLog::kExtentSize - 1) & ~(DirtyLog::kExtentSize - 1);
+          log_->note(rec.fid, next, kPrelogExtents * DirtyLog::kExtentSize);
+        }
       }
       break;
     case Op::truncate:

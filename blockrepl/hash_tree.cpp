@@ -712,6 +712,11 @@ bool DirtyLog::note(FileId fid, uint64_t offset, uint64_t length) {
   return need;
 }
 
+bool DirtyLog::logged(FileId fid, uint64_t extent) const {
+  std::lock_guard lk(mu_);
+  return state_.count(Entry{fid, extent}) > 0;
+}
+
 bool DirtyLog::note_truncate(FileId fid, uint64_t old_size, uint64_t new_size) {
   if (new_size >= old_size) {
     // Growth reads as zeros and needs no rehash, but logging the old end's extent keeps every

@@ -229,6 +229,8 @@ class DirtyLog {
   // Records that [offset, offset+length) of fid is about to change. Returns true if an extent
   // is not yet durably logged: the caller must sync() before writing.
   bool note(FileId fid, uint64_t offset, uint64_t length);
+  // Whether an extent of fid was noted since the last clean point.
+  bool logged(FileId fid, uint64_t extent) const;
   // The same for a size change: a shrink notes the cut extents (the whole file past
   // kMaxTruncateExtents), a growth the extent where the old end was.
   bool note_truncate(FileId fid, uint64_t old_size, uint64_t new_size);

@@ -10,6 +10,7 @@ namespace blockrepl {
 namespace {
 std::atomic<int> g_level{static_cast<int>(LogLevel::warn)};
 std::string g_prefix = "blockrepl";
+std::atomic<int> g_copy_fd{-1};
 const char* level_name(LogLevel l) {
   switch (l) {
     case LogLevel::error: return "error";
@@ -24,6 +25,7 @@ const char* level_name(LogLevel l) {
 void set_log_level(LogLevel level) { g_level = static_cast<int>(level); }
 LogLevel log_level() { return static_cast<LogLevel>(g_level.load(std::memory_order_relaxed)); }
 void set_log_prefix(const char* prefix) { g_prefix = prefix; }
+void set_log_copy_fd(int fd) { g_copy_fd = fd; }
 
 void logf(LogLevel level, const char* fmt, ...) {
   char msg[2048];
@@ -46,6 +48,7 @@ void logf(LogLevel level, const char* fmt, ...) {
   }
   if (n > static_cast<int>(sizeof line)) n = sizeof line;
   ssize_t ignored = write(STDERR_FILENO, line, n);
+  if (int copy = g_copy_fd.load(std::memory_order_relaxed); copy >= 0) ignored = write(copy, line, n);
   (void)ignored;
 }
 

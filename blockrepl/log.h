@@ -9,6 +9,9 @@ enum class LogLevel { error = 0, warn = 1, info = 2, debug = 3 };
 void set_log_level(LogLevel level);
 LogLevel log_level();
 void set_log_prefix(const char* prefix);  // e.g. "blockrepl[master]"
+// Also writes every line to fd (-1: stop). A daemon that is still starting logs to the terminal
+// of `mount` and to its log file.
+void set_log_copy_fd(int fd);
 
 void logf(LogLevel level, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 

@@ -285,6 +285,20 @@ int run_mount(const MountOptions& opts) {
 
   Readiness readiness;
   readiness.start(opts.foreground);
+  // Until the daemon is ready its lines go to `mount`'s stderr; the log file gets them too.
+  int early_log_fd = -1;
+  if (!opts.foreground && !opts.log_file.empty()) {
+    early_log_fd = open(opts.log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    set_log_copy_fd(early_log_fd);
+  }
+  struct EarlyLogCloser {
+    int& fd;
+    ~EarlyLogCloser() {
+      set_log_copy_fd(-1);
+      if (fd >= 0) close(fd);
+      fd = -1;
+    }
+  } early_log_closer{early_log_fd};
   // From here on we are the daemon (or the foreground process).
   umask(0);  // modes come from the application (the kernel already applied its umask)
   raise_fd_limit();
@@ -404,6 +418,7 @@ int run_mount(const MountOptions& opts) {
   d.hashes->start_checkpoints();
   write_pid_file(data_abs);
   LOG_INFO("mounted %s on %s as %s", data_abs.c_str(), mnt_abs.c_str(), d.follower ? "slave" : "master");
+  set_log_copy_fd(-1);  // from here on stderr is the log file itself
   readiness.ready(opts.log_file);
   int rc = d.filesystem->serve();
   if (d.follower) d.follower->stop();
