@@ -8,6 +8,7 @@
 #include <endian.h>
 #include <sys/uio.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <map>
 #include <set>
 #include <sys/stat.h>
@@ -120,7 +121,10 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
           auto d = mb.initRoot<wire::Message>().initBlockData();
           d.setFid(fid);
           d.setOffset(off);
-          d.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(buf.data()), n));
+          // Zeros (holes, punched or zeroed ranges) cross the wire as a length.
+          const bool zero = n > 0 && buf[0] == 0 && memcmp(buf.data(), buf.data() + 1, n - 1) == 0;
+          if (zero) d.setZeros(n);
+          else d.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(buf.data()), n));
           conn.send(mb);
         };
         for (auto it : msg.getBlockRequest().getItems()) {
@@ -348,7 +352,9 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
       auto d = msg.getBlockData();
       if (!blocks.count(d.getFid()) && !whole_files.count(d.getFid()))
         throw Error("master sent data of a file that was not asked for", EPROTO);
-      rep.data_bytes += d.getData().size();
+      if (d.getZeros() > kDataChunk || (d.getZeros() && d.getData().size()))
+        throw Error("master sent a malformed block message", EPROTO);
+      rep.data_bytes += d.getData().size() + d.getZeros();
       stage->add(*frame);
       if (progress && rep.data_bytes % (64u << 20) < d.getData().size()) progress(rep);
     }
@@ -692,15 +698,29 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       if (m.which() != wire::Message::BLOCK_DATA) continue;
       auto d = m.getBlockData();
       Record rec;
-      rec.op = Op::write;
       rec.fid = d.getFid();
       rec.offset = d.getOffset();
-      rec.data = std::string_view(reinterpret_cast<const char*>(d.getData().begin()), d.getData().size());
+      if (d.getZeros()) {
+        // A hole where the master reads zeros (within the file: the size is set below).
+        rec.op = Op::fallocate;
+        rec.flags = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+        rec.length = d.getZeros();
+      } else {
+        rec.op = Op::write;
+        rec.data = std::string_view(reinterpret_cast<const char*>(d.getData().begin()), d.getData().size());
+      }
       if (int err = store.apply(rec)) {
         if (err == ENOENT) continue;  // not in the namespace (removed on the master meanwhile)
-        throw_errno("cannot write file " + std::to_string(rec.fid) + " in " + where_, err);
+        if (err == EOPNOTSUPP && d.getZeros()) {
+          // No holes on this file system: write the zeros.
+          std::string zeros(d.getZeros(), '\0');
+          rec.op = Op::write;
+          rec.data = zeros;
+          err = store.apply(rec);
+        }
+        if (err) throw_errno("cannot write file " + std::to_string(rec.fid) + " in " + where_, err);
       }
-      out.blocks += (d.getData().size() + block_size - 1) / block_size;
+      out.blocks += (d.getData().size() + d.getZeros() + block_size - 1) / block_size;
     }
   }
   // Sizes and times as listed, after the data.

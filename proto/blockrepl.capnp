@@ -227,6 +227,7 @@ struct BlockData {
   fid @0 :UInt64;
   offset @1 :UInt64;
   data @2 :Data;          # may be shorter than a block at the end of the file
+  zeros @3 :UInt64;       # instead of data: this many bytes read as zeros (a hole on the slave)
 }
 
 struct MerkleDone {
