@@ -35,6 +35,9 @@ void FileTable::clear() {
   entries_.clear();
   orphans_.clear();
   rw_open_.clear();
+  // The root is always known (records name it as the parent of top-level entries).
+  int fd = openat(root_fd_, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) entries_[kRootFileId].path_fd = fd;
 }
 
 size_t FileTable::scan() { return scan_dir(root_fd_, 0); }

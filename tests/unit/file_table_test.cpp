@@ -97,6 +97,19 @@ TEST_F(FileTableTest, KnowsTheRootFromTheStart) {
   EXPECT_TRUE(fd_is(t.path_fd(kRootFileId), root_));
 }
 
+TEST_F(FileTableTest, ClearForgetsFilesButKeepsTheRoot) {
+  FileTable t(root_fd_);
+  int fd = open(p("f").c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  ASSERT_EQ(write_file_id(root_fd_, "f", 77), 0);
+  ASSERT_EQ(t.scan(), 1u);
+  EXPECT_GE(t.path_fd(77), 0);
+  t.clear();
+  EXPECT_EQ(t.path_fd(77), -1);
+  EXPECT_TRUE(fd_is(t.path_fd(kRootFileId), root_)) << "records name the root as the parent of top-level entries";
+}
+
 TEST_F(FileTableTest, UnknownIdsGiveMinusOneAndEnoent) {
   FileTable t(root_fd_);
   EXPECT_EQ(t.path_fd(0x1234), -1);
