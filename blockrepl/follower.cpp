@@ -449,10 +449,11 @@ void Follower::finish_stage() {
   if (!cfg_.no_fsync) {
     if (int err = node_.store().sync_all()) throw_errno("cannot sync " + node_.data_path(), err);
   }
-  node_.update_identity([&](Identity& id) {
-    if (!a.lineage.empty()) id.lineage = a.lineage;
-    id.role = "slave";
-  });
+  if (const Identity me = node_.identity(); (!a.lineage.empty() && me.lineage != a.lineage) || me.role != "slave")
+    node_.update_identity([&](Identity& id) {
+      if (!a.lineage.empty()) id.lineage = a.lineage;
+      id.role = "slave";
+    });
   if (!state_.attach_complete()) state_.set_attach_complete(true, a.lsn);
   state_.set_durable(a.lsn, !cfg_.no_fsync);
   state_.set_applied(a.lsn);

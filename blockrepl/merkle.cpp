@@ -463,8 +463,9 @@ void Stage::commit(Lsn lsn) {
 }
 
 void Stage::discard() {
+  // Not synced: if the removal is lost in a crash, the committed stage is applied once more at
+  // the next start, which changes nothing (applying is idempotent).
   remove_all();
-  if (durable_) fsync(dir_fd_);
 }
 
 namespace {
