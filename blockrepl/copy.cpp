@@ -344,7 +344,6 @@ void CopyReceiver::finish() {
   }
 }
 
-namespace {
 void remove_tree_at(int dirfd, const char* name) {
   int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd >= 0) {
@@ -366,7 +365,6 @@ void remove_tree_at(int dirfd, const char* name) {
   }
   unlinkat(dirfd, name, AT_REMOVEDIR);
 }
-}  // namespace
 
 void wipe_data_dir(int root_fd) {
   int fd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);

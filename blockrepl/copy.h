@@ -59,6 +59,8 @@ class CopyReceiver {
   std::vector<DirTimes> dir_times_;
 };
 
+// Removes `name` in dirfd with everything below it (without following symlinks).
+void remove_tree_at(int dirfd, const char* name);
 // Removes everything in the backing directory except the metadata folder.
 void wipe_data_dir(int root_fd);
 // Whether the backing directory holds nothing but the metadata folder.

@@ -105,14 +105,7 @@ void HashIndex::recover() {
     for (auto& [fid, ext] : extents) repair(fid, ext);
   } else {
     // Drop every saved tree; files are rebuilt lazily from their data when next needed.
-    int dfd = openat(hashes_fd_, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (DIR* d = dfd >= 0 ? fdopendir(dfd) : nullptr) {
-      std::vector<std::string> names;
-      while (dirent* de = readdir(d))
-        if (de->d_name[0] != '.') names.emplace_back(de->d_name);
-      for (auto& n : names) unlinkat(dirfd(d), n.c_str(), 0);
-      closedir(d);
-    }
+    remove_saved_trees();
   }
   log_->clear();
   blocks_hashed_ += blocks;
@@ -242,6 +235,29 @@ void HashIndex::after_change(const Record& rec, int fd) {
   }
 }
 
+void HashIndex::refresh(Entry& e, int fd) {
+  int rfd = reopen_readable(fd);
+  if (rfd < 0) throw_errno("cannot open " + e.tree.label() + " to hash it", errno);
+  try {
+    blocks_hashed_ += e.tree.refresh(rfd);
+  } catch (...) {
+    close(rfd);
+    throw;
+  }
+  close(rfd);
+}
+
+void HashIndex::remove_saved_trees() {
+  int dfd = openat(hashes_fd_, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  DIR* d = dfd >= 0 ? fdopendir(dfd) : nullptr;
+  if (!d) return;
+  std::vector<std::string> names;
+  while (dirent* de = readdir(d))
+    if (de->d_name[0] != '.') names.emplace_back(de->d_name);
+  for (auto& n : names) unlinkat(dirfd(d), n.c_str(), 0);
+  closedir(d);
+}
+
 void HashIndex::created(FileId fid) {
   auto ep = entry(fid);
   std::lock_guard lk(ep->mu);
@@ -257,15 +273,7 @@ void HashIndex::with_tree(FileId fid, int fd, const std::function<void(const Fil
   if (rebuild) e.valid = false, FileHashTree::remove_saved(hashes_fd_, fid);
   ensure_valid(e, fid, fd);
   if (e.tree.dirty()) {
-    int rfd = reopen_readable(fd);
-    if (rfd < 0) throw_errno("cannot open " + e.tree.label() + " to hash it", errno);
-    try {
-      blocks_hashed_ += e.tree.refresh(rfd);
-    } catch (...) {
-      close(rfd);
-      throw;
-    }
-    close(rfd);
+    refresh(e, fd);
     e.unsaved = true;
     if (e.path_fd < 0) e.path_fd = open(fd_path(fd).c_str(), O_PATH | O_CLOEXEC);
   }
@@ -308,14 +316,7 @@ void HashIndex::reset_all() {
     }
     entries_.clear();
   }
-  int dfd = openat(hashes_fd_, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (DIR* d = dfd >= 0 ? fdopendir(dfd) : nullptr) {
-    std::vector<std::string> names;
-    while (dirent* de = readdir(d))
-      if (de->d_name[0] != '.') names.emplace_back(de->d_name);
-    for (auto& n : names) unlinkat(dirfd(d), n.c_str(), 0);
-    closedir(d);
-  }
+  remove_saved_trees();
   log_->clear();
 }
 
@@ -353,17 +354,7 @@ bool HashIndex::checkpoint() {
     }
     try {
       ensure_valid(e, fid, e.path_fd);
-      if (e.tree.dirty()) {
-        int rfd = reopen_readable(e.path_fd);
-        if (rfd < 0) throw_errno("cannot open " + e.tree.label() + " to hash it", errno);
-        try {
-          blocks_hashed_ += e.tree.refresh(rfd);
-        } catch (...) {
-          close(rfd);
-          throw;
-        }
-        close(rfd);
-      }
+      if (e.tree.dirty()) refresh(e, e.path_fd);
       e.tree.save(hashes_fd_, fid, durable_);
       e.unsaved = false;
       close(e.path_fd);
@@ -388,14 +379,11 @@ void HashIndex::refresh_dirty() {
     Entry& e = *ep;
     std::lock_guard el(e.mu);
     if (!e.valid || !e.tree.dirty() || e.path_fd < 0) continue;
-    int rfd = reopen_readable(e.path_fd);
-    if (rfd < 0) continue;  // gone: the next checkpoint drops it
     try {
-      blocks_hashed_ += e.tree.refresh(rfd);
+      refresh(e, e.path_fd);
     } catch (const Error& err) {
-      LOG_DEBUG("hash trees: %s", err.what());
+      LOG_DEBUG("hash trees: %s", err.what());  // gone: the next checkpoint drops it
     }
-    close(rfd);
   }
 }
 

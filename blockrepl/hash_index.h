@@ -96,6 +96,8 @@ class HashIndex {
   };
   std::shared_ptr<Entry> entry(FileId fid);
   void ensure_valid(Entry& e, FileId fid, int fd);  // e.mu held
+  void refresh(Entry& e, int fd);                    // e.mu held: rehashes its dirty blocks
+  void remove_saved_trees();
   void recover();
   int sync_data();
   std::string label(FileId fid) const;

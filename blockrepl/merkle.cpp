@@ -16,6 +16,7 @@
 #include <unistd.h>
 #include <unordered_map>
 
+#include "blockrepl/copy.h"
 #include "blockrepl/error.h"
 #include "blockrepl/file_id.h"
 #include "blockrepl/log.h"
@@ -375,26 +376,6 @@ constexpr char kFramesName[] = "frames";
 constexpr char kCommitName[] = "commit";
 constexpr char kParkName[] = "park";
 
-void remove_tree_at(int dirfd, const char* name) {
-  int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  if (fd >= 0) {
-    if (DIR* d = fdopendir(fd)) {
-      std::vector<std::pair<std::string, bool>> entries;
-      while (dirent* de = readdir(d)) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        entries.emplace_back(de->d_name, de->d_type == DT_DIR);
-      }
-      for (auto& [n, is_dir] : entries) {
-        if (is_dir) remove_tree_at(fd, n.c_str());
-        else unlinkat(fd, n.c_str(), 0);
-      }
-      closedir(d);
-    } else {
-      close(fd);
-    }
-  }
-  unlinkat(dirfd, name, AT_REMOVEDIR);
-}
 }  // namespace
 
 Stage::Stage(int meta_fd, std::string where, bool durable) : meta_fd_(meta_fd), where_(std::move(where)), durable_(durable) {

@@ -1,6 +1,7 @@
 #include "tools/cli/mount_command.h"
 
 #include <cerrno>
+#include <optional>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -498,16 +499,22 @@ int run_umount(const std::string& mountpoint, bool lazy) {
 
 namespace blockrepl::cli {
 
-int run_promote(const std::string& mountpoint) {
+namespace {
+
+// Asks the daemon behind `mountpoint` over its control socket; prints one error line (prefixed
+// with `what`) and returns nullopt on failure, including an {"error": ...} answer.
+std::optional<nlohmann::json> ask_daemon(const std::string& mountpoint, const std::string& what, const std::string& request,
+                                         int timeout_ms, std::string* mnt_abs) {
   char buf[PATH_MAX];
   if (!realpath(mountpoint.c_str(), buf)) {
     fprintf(stderr, "blockrepl: mount point %s: %s\n", mountpoint.c_str(), strerror(errno));
-    return 1;
+    return std::nullopt;
   }
+  *mnt_abs = buf;
   auto data = blockrepl_data_dir_of(buf);
   if (!data) {
     fprintf(stderr, "blockrepl: %s is not a blockrepl mount\n", buf);
-    return 1;
+    return std::nullopt;
   }
   std::string resp;
   try {
@@ -515,56 +522,40 @@ int run_promote(const std::string& mountpoint) {
     if (meta < 0) throw_errno("cannot open " + *data + "/" + kMetadataDirName, errno);
     Identity id = load_or_create_identity(meta, *data);
     close(meta);
-    resp = control_request(control_socket_name(id.node_id), "promote", 60000);
+    resp = control_request(control_socket_name(id.node_id), request, timeout_ms);
   } catch (const std::exception& e) {
-    fprintf(stderr, "blockrepl: promote %s: %s\n", buf, e.what());
-    return 1;
+    fprintf(stderr, "blockrepl: %s %s: %s\n", what.c_str(), buf, e.what());
+    return std::nullopt;
   }
   nlohmann::json j = nlohmann::json::parse(resp, nullptr, false);
   if (j.is_discarded()) {
-    fprintf(stderr, "blockrepl: promote %s: bad answer from the daemon\n", buf);
-    return 1;
+    fprintf(stderr, "blockrepl: %s %s: bad answer from the daemon\n", what.c_str(), buf);
+    return std::nullopt;
   }
   if (j.contains("error")) {
-    fprintf(stderr, "blockrepl: promote %s: %s\n", buf, j["error"].get<std::string>().c_str());
-    return 1;
+    fprintf(stderr, "blockrepl: %s %s: %s\n", what.c_str(), buf, j["error"].get<std::string>().c_str());
+    return std::nullopt;
   }
-  printf("%s is now a master (new lineage %s after lsn %llu)\n", buf, j["lineage"].get<std::string>().c_str(),
+  return j;
+}
+
+}  // namespace
+
+int run_promote(const std::string& mountpoint) {
+  std::string mnt;
+  auto answer = ask_daemon(mountpoint, "promote", "promote", 60000, &mnt);
+  if (!answer) return 1;
+  nlohmann::json& j = *answer;
+  printf("%s is now a master (new lineage %s after lsn %llu)\n", mnt.c_str(), j["lineage"].get<std::string>().c_str(),
          static_cast<unsigned long long>(j["lsn"].get<uint64_t>()));
   return 0;
 }
 
 int run_verify(const std::string& mountpoint, bool deep) {
-  char buf[PATH_MAX];
-  if (!realpath(mountpoint.c_str(), buf)) {
-    fprintf(stderr, "blockrepl: mount point %s: %s\n", mountpoint.c_str(), strerror(errno));
-    return 1;
-  }
-  auto data = blockrepl_data_dir_of(buf);
-  if (!data) {
-    fprintf(stderr, "blockrepl: %s is not a blockrepl mount\n", buf);
-    return 1;
-  }
-  std::string resp;
-  try {
-    int meta = open((*data + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (meta < 0) throw_errno("cannot open " + *data + "/" + kMetadataDirName, errno);
-    Identity id = load_or_create_identity(meta, *data);
-    close(meta);
-    resp = control_request(control_socket_name(id.node_id), deep ? "verify deep" : "verify", 3600 * 1000);
-  } catch (const std::exception& e) {
-    fprintf(stderr, "blockrepl: verify %s: %s\n", buf, e.what());
-    return 1;
-  }
-  nlohmann::json j = nlohmann::json::parse(resp, nullptr, false);
-  if (j.is_discarded()) {
-    fprintf(stderr, "blockrepl: verify %s: bad answer from the daemon\n", buf);
-    return 1;
-  }
-  if (j.contains("error")) {
-    fprintf(stderr, "blockrepl: verify %s: %s\n", buf, j["error"].get<std::string>().c_str());
-    return 1;
-  }
+  std::string mnt;
+  auto answer = ask_daemon(mountpoint, "verify", deep ? "verify deep" : "verify", 3600 * 1000, &mnt);
+  if (!answer) return 1;
+  nlohmann::json& j = *answer;
   if (j["identical"].get<bool>()) {
     printf("identical to the master (%llu directories, %llu files compared)\n",
            static_cast<unsigned long long>(j["dirs_listed"].get<uint64_t>()),
@@ -577,32 +568,10 @@ int run_verify(const std::string& mountpoint, bool deep) {
 }
 
 int run_status(const std::string& mountpoint, bool json) {
-  char buf[PATH_MAX];
-  if (!realpath(mountpoint.c_str(), buf)) {
-    fprintf(stderr, "blockrepl: mount point %s: %s\n", mountpoint.c_str(), strerror(errno));
-    return 1;
-  }
-  auto data = blockrepl_data_dir_of(buf);
-  if (!data) {
-    fprintf(stderr, "blockrepl: %s is not a blockrepl mount\n", buf);
-    return 1;
-  }
-  std::string resp;
-  try {
-    int meta = open((*data + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (meta < 0) throw_errno("cannot open " + *data + "/" + kMetadataDirName, errno);
-    Identity id = load_or_create_identity(meta, *data);
-    close(meta);
-    resp = control_request(control_socket_name(id.node_id), "status");
-  } catch (const std::exception& e) {
-    fprintf(stderr, "blockrepl: status of %s: %s\n", buf, e.what());
-    return 1;
-  }
-  nlohmann::json j = nlohmann::json::parse(resp, nullptr, false);
-  if (j.is_discarded() || j.contains("error")) {
-    fprintf(stderr, "blockrepl: status of %s: bad answer from the daemon\n", buf);
-    return 1;
-  }
+  std::string mnt;
+  auto answer = ask_daemon(mountpoint, "status of", "status", 10000, &mnt);
+  if (!answer) return 1;
+  nlohmann::json& j = *answer;
   if (json) {
     printf("%s\n", j.dump(2).c_str());
     return 0;
