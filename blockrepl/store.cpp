@@ -113,7 +113,9 @@ int Store::apply(const Record& rec, const Targets& given, timespec* mtime_out) {
 int Store::apply_resolved(const Record& rec, Targets& t) {
   switch (rec.op) {
     case Op::write:
-      return write_all(t.fd, rec.data.data(), rec.data.size(), rec.offset);
+      if (int err = write_all(t.fd, rec.data.data(), rec.data.size(), rec.offset)) return err;
+      writeback_.wrote(rec.fid, t.fd, rec.offset, rec.data.size());
+      return 0;
     case Op::truncate:
       return ok_or_errno(ftruncate(t.fd, static_cast<off_t>(rec.offset)));
     case Op::fallocate:

@@ -7,6 +7,7 @@
 
 #include "blockrepl/file_table.h"
 #include "blockrepl/record.h"
+#include "blockrepl/writeback.h"
 
 namespace blockrepl {
 
@@ -46,6 +47,7 @@ class Store {
   int sync_all();
 
   FileTable& files() { return files_; }
+  EarlyWriteback& writeback() { return writeback_; }
   int root_fd() const { return root_fd_; }
 
  private:
@@ -59,6 +61,7 @@ class Store {
   bool track_files_;
   FileTable files_;
   HashIndex* hashes_ = nullptr;
+  EarlyWriteback writeback_;
 };
 
 }  // namespace blockrepl

@@ -585,7 +585,12 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off
   rec.data = std::string_view(data, size);
   Targets t;
   t.fd = static_cast<int>(fi->fh);
-  if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
+  int err;
+  {
+    std::lock_guard lk(inode_of(req, ino).write_mu);
+    err = fs.node.submit(rec, t);
+  }
+  if (err) return (void)fuse_reply_err(req, err);
   fuse_reply_write(req, size);
 }
 

@@ -25,6 +25,9 @@ struct Inode {
   // The kernel asks for security.capability before every write (to drop privileges); caching
   // "it has none" answers that without touching the backing file. Reset when it is set.
   std::atomic<bool> known_no_caps{false};
+  // Buffered writes to one backing file serialise on its inode lock anyway; waiting here (asleep)
+  // instead of in the kernel (spinning on the lock's owner) leaves the CPU to the writer.
+  std::mutex write_mu;
   ~Inode();
 };
 
