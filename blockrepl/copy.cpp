@@ -13,6 +13,7 @@
 #include "blockrepl/hash_index.h"
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
+#include "blockrepl/store.h"
 
 namespace blockrepl {
 
@@ -184,23 +185,19 @@ CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids) {
   return sender.stats;
 }
 
-CopyReceiver::CopyReceiver(int root_fd, HashIndex* hashes) : root_fd_(root_fd), hashes_(hashes) {}
+CopyReceiver::CopyReceiver(Store& store) : store_(store), root_fd_(store.root_fd()) {}
 
 void CopyReceiver::write_chunk(const std::string& path, FileId fid, uint64_t off, const kj::byte* data, size_t n) {
   if (n == 0) return;
-  Record rec;  // only to tell the hash trees what changed
+  // Through the Store, as every write: the hash trees and early writeback follow it.
+  Record rec;
   rec.op = Op::write;
   rec.fid = fid;
   rec.offset = off;
   rec.data = std::string_view(reinterpret_cast<const char*>(data), n);
-  if (hashes_) {
-    std::shared_lock lk(hashes_->change_lock());
-    if (int err = hashes_->before_change(rec, file_fd_)) throw_errno("copy: cannot write " + path, err);
-    if (pwrite(file_fd_, data, n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) throw_errno("copy: cannot write " + path, errno);
-    hashes_->after_change(rec, file_fd_);
-  } else if (pwrite(file_fd_, data, n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) {
-    throw_errno("copy: cannot write " + path, errno);
-  }
+  Targets t;
+  t.fd = file_fd_;
+  if (int err = store_.apply(rec, t)) throw_errno("copy: cannot write " + path, err);
   stats_.bytes += n;
 }
 
@@ -237,18 +234,13 @@ int CopyReceiver::open_parent(const std::string& path, std::string* leaf) {
 
 void CopyReceiver::finish_file() {
   if (file_fd_ < 0) return;
-  if (hashes_) {
-    Record rec;
-    rec.op = Op::truncate;
-    rec.fid = file_fid_;
-    rec.offset = file_size_;
-    std::shared_lock lk(hashes_->change_lock());
-    hashes_->before_change(rec, file_fd_);
-    if (ftruncate(file_fd_, static_cast<off_t>(file_size_)) != 0) LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(errno));
-    hashes_->after_change(rec, file_fd_);
-  } else if (ftruncate(file_fd_, static_cast<off_t>(file_size_)) != 0) {
-    LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(errno));
-  }
+  Record rec;
+  rec.op = Op::truncate;
+  rec.fid = file_fid_;
+  rec.offset = file_size_;
+  Targets t;
+  t.fd = file_fd_;
+  if (int err = store_.apply(rec, t)) LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(err));
   futimens(file_fd_, file_times_);
   close(file_fd_);
   file_fd_ = -1;
@@ -322,7 +314,7 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
     dir_times_.push_back({path, {times[0], times[1]}});
   } else if (file_fd_ >= 0) {
     file_fid_ = e.getFid();
-    if (hashes_) hashes_->created(file_fid_);
+    if (HashIndex* h = store_.hashes()) h->created(file_fid_);
     write_chunk(path, file_fid_, e.getChunkOffset(), chunk.begin(), chunk.size());
     if (!e.getMore()) finish_file();
   } else {

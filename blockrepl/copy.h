@@ -14,7 +14,7 @@
 
 namespace blockrepl {
 
-class HashIndex;
+class Store;
 
 struct CopyStats {
   uint64_t files = 0;
@@ -30,8 +30,9 @@ CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids);
 // relative, no "..", never into the metadata folder.
 class CopyReceiver {
  public:
-  // hashes: trees to keep current with what is written (so a later re-attach rehashes nothing).
-  explicit CopyReceiver(int root_fd, HashIndex* hashes = nullptr);
+  // Writes go through the store, so its hash trees stay current with them (a later re-attach
+  // rehashes nothing).
+  explicit CopyReceiver(Store& store);
   ~CopyReceiver();
   // Throws Error on a malformed entry or a local failure (naming the path).
   void apply(wire::CopyEntry::Reader entry);
@@ -43,8 +44,8 @@ class CopyReceiver {
   int open_parent(const std::string& path, std::string* leaf);
   void finish_file();
   void write_chunk(const std::string& path, FileId fid, uint64_t off, const kj::byte* data, size_t n);
+  Store& store_;
   int root_fd_;
-  HashIndex* hashes_;
   FileId file_fid_ = kInvalidFileId;
   CopyStats stats_;
   // The regular file being received in chunks.

@@ -315,7 +315,7 @@ void Follower::handshake(Connection& conn) {
 }
 
 void Follower::receive_copy(Connection& conn) {
-  CopyReceiver rx(node_.root_fd(), node_.store().hashes());
+  CopyReceiver rx(node_.store());
   for (;;) {
     auto frame = conn.receive(static_cast<int>(std::max<int64_t>(cfg_.master_timeout.count(), 30000)));
     if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the full copy");

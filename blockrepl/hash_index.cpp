@@ -304,6 +304,22 @@ void HashIndex::forget(FileId fid) {
   FileHashTree::remove_saved(hashes_fd_, fid);
 }
 
+void HashIndex::maybe_orphaned(FileId fid) {
+  std::shared_ptr<Entry> ep;
+  {
+    std::lock_guard lk(map_mu_);
+    auto it = entries_.find(fid);
+    if (it == entries_.end()) return;
+    ep = it->second;
+  }
+  {
+    std::lock_guard lk(ep->mu);
+    struct stat st;
+    if (ep->path_fd >= 0 && fstat(ep->path_fd, &st) == 0 && st.st_nlink > 0) return;
+  }
+  forget(fid);
+}
+
 void HashIndex::reset_all() {
   std::unique_lock ck(change_mu_);
   std::lock_guard cp(checkpoint_mu_);

@@ -68,6 +68,10 @@ class HashIndex {
   // The file's data changed by other means than records (a full copy): its tree will be built
   // from the data when next needed.
   void forget(FileId fid);
+  // The file may have lost its last name (unlink, or a rename over it): if it has, its tree
+  // goes now, and with it our descriptor, which would otherwise keep a deleted file's space
+  // from being freed until the next checkpoint.
+  void maybe_orphaned(FileId fid);
   // The volume was wiped (an empty slave): every tree and the log go.
   void reset_all();
 

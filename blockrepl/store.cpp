@@ -175,13 +175,18 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
       if (t.parent_fd < 0) return ENOENT;
       if (!valid_name(rec.name)) return EINVAL;
       if (unlinkat(t.parent_fd, rec.name.c_str(), rec.op == Op::rmdir ? AT_REMOVEDIR : 0) != 0) return errno;
-      if (track_files_ && rec.fid != kInvalidFileId) files_.maybe_orphaned(rec.fid);
+      maybe_orphaned(rec.fid);
       return 0;
     }
     case Op::rename: {
       if (t.parent_fd < 0 || t.parent2_fd < 0) return ENOENT;
       if (!valid_name(rec.name) || !valid_name(rec.name2)) return EINVAL;
-      return ok_or_errno(renameat2(t.parent_fd, rec.name.c_str(), t.parent2_fd, rec.name2.c_str(), rec.flags));
+      // A rename over an existing file takes that file's name away.
+      const FileId replaced = (rec.flags & RENAME_EXCHANGE) ? kInvalidFileId
+                                                             : read_file_id(t.parent2_fd, rec.name2.c_str()).value_or(kInvalidFileId);
+      if (renameat2(t.parent_fd, rec.name.c_str(), t.parent2_fd, rec.name2.c_str(), rec.flags) != 0) return errno;
+      maybe_orphaned(replaced);
+      return 0;
     }
     case Op::setxattr:
     case Op::removexattr: {
@@ -211,6 +216,12 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     }
   }
   return EINVAL;
+}
+
+void Store::maybe_orphaned(FileId fid) {
+  if (fid == kInvalidFileId) return;
+  if (track_files_) files_.maybe_orphaned(fid);
+  if (hashes_) hashes_->maybe_orphaned(fid);
 }
 
 int Store::sync_all() {

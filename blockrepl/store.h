@@ -55,6 +55,8 @@ class Store {
   int apply_created(const Record& rec, int parent_fd);
   int apply_resolved(const Record& rec, Targets& t);
   static bool stamps_mtime(Op op);
+  // fid may have lost its last name: the tables holding descriptors of it let go in time.
+  void maybe_orphaned(FileId fid);
   FileId entry_fid(FileId dir, const std::string& name);
 
   int root_fd_;

@@ -26,6 +26,7 @@
 #include <random>
 #include <string>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -1569,6 +1570,116 @@ TEST(ReplicationHostilePeer, MasterSurvivesMalformedAndHostileConnections) {
   ASSERT_TRUE(s.ok());
   ASSERT_EQ(write_and_fsync(m.file("final"), repl::random_bytes(42, 80000)), 0);
   EXPECT_SYNCED(m, s.mnt);
+  EXPECT_SAME_TREE(m, s);
+}
+
+// =============================================================================================
+// 9. A full disk: on the slave, replication stops with a clear reason and resumes by itself once
+// there is room again, without losing what the slave held; on the master, the application gets
+// ENOSPC and the slave stays an exact copy.
+
+// A size-limited tmpfs over a node's (still empty) data directory, for the length of a test.
+// Declared after the Cluster: it unmounts the node first, then detaches the tmpfs.
+class SmallDisk {
+ public:
+  SmallDisk(Cluster& c, Node& n, const std::string& size) : c_(c), n_(n) {
+    CommandResult r = run_command({"mount", "-t", "tmpfs", "-o", "size=" + size + ",mode=0755", "tmpfs", n.data}, 20);
+    ok_ = r.exit_code == 0;
+    error_ = r.err;
+  }
+  ~SmallDisk() {
+    c_.unmount(n_);
+    if (is_mounted(n_.mnt)) c_.detach(n_);
+    if (ok_) umount2(n_.data.c_str(), MNT_DETACH);
+  }
+  bool ok() const { return ok_; }
+  const std::string& error() const { return error_; }
+  bool resize(const std::string& size) {
+    return run_command({"mount", "-o", "remount,size=" + size, n_.data}, 20).exit_code == 0;
+  }
+
+ private:
+  Cluster& c_;
+  Node& n_;
+  bool ok_ = false;
+  std::string error_;
+};
+
+// Writes n MiB of seeded data to path in 1 MiB pieces, then fsyncs; returns 0 or the first errno.
+int write_mib(const std::string& path, size_t n, uint64_t seed) {
+  int fd = open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+  if (fd < 0) return errno;
+  int err = 0;
+  try {
+    for (size_t i = 0; i < n; i++) repl::pwrite_all(fd, repl::random_bytes(seed + i, 1 << 20), static_cast<off_t>(i << 20));
+  } catch (const std::exception&) {
+    err = errno ? errno : EIO;
+  }
+  if (!err && fsync(fd) != 0) err = errno;
+  if (close(fd) != 0 && !err) err = errno;
+  return err;
+}
+
+TEST(ReplicationFullDisk, SlaveOutOfSpaceStopsClearlyKeepsItsDataAndResumesWhenThereIsRoom) {
+  Cluster c("repl-fulls");
+  Node& m = c.add_master({"--ack", "sync", "--ack-timeout", "2s"});
+  ASSERT_TRUE(m.ok());
+  Node& s = c.define_slave(m);
+  SmallDisk disk(c, s, "24m");
+  ASSERT_TRUE(disk.ok()) << "cannot mount a tmpfs for the slave: " << disk.error();
+  ASSERT_TRUE(c.mount(s));
+  const std::string kept = repl::random_bytes(77, 300000);
+  ASSERT_EQ(write_and_fsync(m.file("kept"), kept), 0);
+  EXPECT_SYNCED(m, s.mnt);
+  const pid_t pid = s.pid();
+
+  // 40 MiB do not fit on the slave's 24 MiB: the master's application must not notice.
+  const auto t0 = Clock::now();
+  EXPECT_EQ(write_mib(m.file("big"), 40, 500), 0) << "the master failed a write because its slave's disk is full";
+  EXPECT_LT(seconds_since(t0), 30.0);
+  json st;
+  bool reported = repl::wait_until(
+      [&] {
+        st = repl::status(s.mnt);
+        return st.is_object() && st["upstream"].is_object() &&
+               st["upstream"].value("last_error", "").find("No space left on device") != std::string::npos;
+      },
+      20s, 100ms);
+  EXPECT_TRUE(reported) << "the slave's status does not say its disk is full: " << st.dump();
+  EXPECT_TRUE(repl::process_alive(pid)) << "the slave daemon died of a full disk";
+  EXPECT_EQ(read_file(s.file("kept")), kept) << "the slave lost what it held when its disk filled";
+  std::string log = read_file(s.log);
+  EXPECT_NE(log.find("No space left on device"), std::string::npos) << "no log line names the full disk";
+  // The master kept serving: more writes and fsyncs return.
+  ASSERT_EQ(write_and_fsync(m.file("later"), repl::random_bytes(78, 5000)), 0);
+
+  // Room again: the slave catches up by itself, the same daemon, and ends an exact copy.
+  ASSERT_TRUE(disk.resize("256m"));
+  std::string why = repl::sync_and_wait(m.mnt, {s.mnt}, 60s);
+  EXPECT_EQ(why, "") << "the slave did not resume once its disk had room";
+  EXPECT_EQ(s.pid(), pid);
+  EXPECT_SAME_TREE(m, s);
+  printf("[ info ] re-attached by %s after the disk filled\n", last_attach_method(s).c_str());
+}
+
+TEST(ReplicationFullDisk, MasterOutOfSpaceFailsTheWriteWithEnospcAndTheSlaveStaysACopy) {
+  Cluster c("repl-fullm");
+  Node& m = c.define_master({"--ack", "sync"});
+  SmallDisk disk(c, m, "24m");
+  ASSERT_TRUE(disk.ok()) << "cannot mount a tmpfs for the master: " << disk.error();
+  ASSERT_TRUE(c.mount(m));
+  Node& s = c.add_slave(m);
+  ASSERT_TRUE(s.ok());
+  const std::string kept = repl::random_bytes(81, 200000);
+  ASSERT_EQ(write_and_fsync(m.file("kept"), kept), 0);
+
+  EXPECT_EQ(write_mib(m.file("big"), 40, 900), ENOSPC) << "a write past the master's free space did not fail with ENOSPC";
+  // The volume still works: free the space, write again.
+  ASSERT_EQ(unlink(m.file("big").c_str()), 0);
+  ASSERT_EQ(write_and_fsync(m.file("after"), repl::random_bytes(82, 100000)), 0);
+  EXPECT_SYNCED(m, s.mnt);
+  EXPECT_EQ(read_file(m.file("kept")), kept);
+  EXPECT_EQ(read_file(s.file("kept")), kept);
   EXPECT_SAME_TREE(m, s);
 }
 
