@@ -151,6 +151,16 @@ void FileTable::maybe_orphaned(FileId fid) {
   }
 }
 
+void FileTable::release(FileId fid) {
+  std::lock_guard lk(mu_);
+  auto it = entries_.find(fid);
+  if (it == entries_.end()) return;
+  struct stat st;
+  if (fstat(it->second.path_fd, &st) == 0 && (st.st_nlink > 0 || S_ISDIR(st.st_mode))) return;
+  close_entry(it->second);
+  entries_.erase(it);  // its place in orphans_ is skipped when it comes up
+}
+
 void FileTable::forget(FileId fid) {
   std::lock_guard lk(mu_);
   auto it = entries_.find(fid);

@@ -34,6 +34,8 @@ class FileTable {
   int add(FileId fid, int dirfd, const char* name);
   // The entry may have lost its last name: keep it reachable for a while, then close it.
   void maybe_orphaned(FileId fid);
+  // The file's last handle on the master closed: if it has no name left, close it now.
+  void release(FileId fid);
   void forget(FileId fid);
   size_t size() const;
 

@@ -509,7 +509,7 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
         throw Error("cannot apply " + rec.describe() + " to " + node_.data_path() + ": " + strerror(err), err);
       }
       if (changes_namespace(rec.op)) dirty_namespace_ = true;
-      else if (rec.fid != kInvalidFileId) dirty_files_.insert(rec.fid);
+      else if (rec.fid != kInvalidFileId && rec.op != Op::release) dirty_files_.insert(rec.fid);
       if (invalidator_) invalidator_->invalidate(rec);
     }
     last_lsn_ = rec.lsn;

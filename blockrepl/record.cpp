@@ -21,6 +21,7 @@ const char* op_name(Op op) {
     case Op::setxattr: return "setxattr";
     case Op::removexattr: return "removexattr";
     case Op::fsync: return "fsync";
+    case Op::release: return "release";
   }
   return "unknown";
 }

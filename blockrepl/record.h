@@ -32,6 +32,8 @@ enum class Op : uint8_t {
   setxattr,        // fid, name, data = value, flags
   removexattr,     // fid, name
   fsync,           // fid (kInvalidFileId = whole volume), flags & kDataSync for fdatasync
+  release,         // fid: an unlinked file's last handle closed on the master; replicas let go of
+                   // it (until then they keep it open, for writes through handles still open)
 };
 
 const char* op_name(Op op);

@@ -198,6 +198,10 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
                    : removexattr(p.c_str(), rec.name.c_str());
       return ok_or_errno(rc);
     }
+    case Op::release:
+      if (track_files_) files_.release(rec.fid);
+      if (hashes_) hashes_->maybe_orphaned(rec.fid);
+      return 0;
     case Op::fsync: {
       if (rec.fid == kInvalidFileId) return sync_all();
       int fd = t.fd >= 0 ? t.fd : -1;

@@ -273,7 +273,7 @@ Record from_wire(wire::Record::Reader in, bool view_data) {
   Record rec;
   rec.lsn = in.getLsn();
   uint8_t op = in.getOp();
-  if (op < static_cast<uint8_t>(Op::write) || op > static_cast<uint8_t>(Op::fsync))
+  if (op < static_cast<uint8_t>(Op::write) || op > static_cast<uint8_t>(Op::release))
     throw Error("record with unknown operation " + std::to_string(op) + " at lsn " + std::to_string(rec.lsn), EPROTO);
   rec.op = static_cast<Op>(op);
   rec.fid = in.getFid();

@@ -132,6 +132,7 @@ struct Filesystem::Impl : public CacheInvalidator {
         data(rec.parent2, -1, 0);
         break;
       case Op::fsync:
+      case Op::release:
         break;
     }
   }
@@ -302,15 +303,26 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   }
 }
 
+// The kernel let go of an inode. If it was a file with no name left, its last handle is closed:
+// replicas, which kept it open for writes through such handles, may let go of it too.
+void forget_inode(Impl& fs, fuse_ino_t ino, uint64_t nlookup) {
+  if (ino == FUSE_ROOT_ID) return;
+  const FileId released = fs.inodes.forget(reinterpret_cast<Inode*>(ino), nlookup);
+  if (released == kInvalidFileId || fs.read_only.load(std::memory_order_relaxed)) return;
+  Record rec;
+  rec.op = Op::release;
+  rec.fid = released;
+  if (int err = fs.node.submit(rec)) LOG_WARN("release of unlinked file %016llx: %s", static_cast<unsigned long long>(released), strerror(err));
+}
+
 void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
-  if (ino != FUSE_ROOT_ID) impl_of(req).inodes.forget(reinterpret_cast<Inode*>(ino), nlookup);
+  forget_inode(impl_of(req), ino, nlookup);
   fuse_reply_none(req);
 }
 
 void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
   Impl& fs = impl_of(req);
-  for (size_t i = 0; i < count; i++)
-    if (forgets[i].ino != FUSE_ROOT_ID) fs.inodes.forget(reinterpret_cast<Inode*>(forgets[i].ino), forgets[i].nlookup);
+  for (size_t i = 0; i < count; i++) forget_inode(fs, forgets[i].ino, forgets[i].nlookup);
   fuse_reply_none(req);
 }
 

@@ -37,14 +37,18 @@ Inode* InodeTable::acquire(int fd, const struct stat& st, bool* fresh) {
   return raw;
 }
 
-void InodeTable::forget(Inode* inode, uint64_t n) {
-  if (inode == root_.get()) return;
+FileId InodeTable::forget(Inode* inode, uint64_t n) {
+  if (inode == root_.get()) return kInvalidFileId;
   std::lock_guard lk(mu_);
   if (inode->nlookup > n) {
     inode->nlookup -= n;
-    return;
+    return kInvalidFileId;
   }
+  struct stat st;
+  const FileId nameless = inode->type == S_IFREG && fstat(inode->fd, &st) == 0 && st.st_nlink == 0 ? inode->fid.load()
+                                                                                                    : kInvalidFileId;
   inodes_.erase(std::make_pair(inode->src_dev, inode->src_ino));
+  return nameless;
 }
 
 Inode* InodeTable::find(dev_t dev, ino_t ino) {

@@ -36,8 +36,9 @@ class InodeTable {
   // Takes ownership of fd. Returns the inode for (dev, ino), creating it, with nlookup + 1.
   // `fresh` tells whether the inode was created (then fd is kept) or found (fd is closed).
   Inode* acquire(int fd, const struct stat& st, bool* fresh);
-  // Drops n lookups; frees the inode when none remain.
-  void forget(Inode* inode, uint64_t n);
+  // Drops n lookups; frees the inode when none remain. Returns the file id of a regular file
+  // freed with no name left (the kernel let go of an unlinked file), else kInvalidFileId.
+  FileId forget(Inode* inode, uint64_t n);
   Inode* find(dev_t dev, ino_t ino);
   void set_root(std::unique_ptr<Inode> root) { root_ = std::move(root); }
   Inode* root() const { return root_.get(); }

@@ -1,7 +1,7 @@
 @0xc3a1f0e6b2d49a71;
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("blockrepl::wire");
-# blockrepl wire protocol, version 1.
+# blockrepl wire protocol, version 2 (2 added the `release` record).
 #
 # Transport: TCP. Each message is one frame: a 4-byte little-endian length N followed by N bytes
 # holding one Cap'n Proto message (flat array, unpacked) whose root is `Message`. A receiver

@@ -18,6 +18,7 @@
 #include <dirent.h>
 #include <endian.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/falloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -1618,6 +1619,60 @@ int write_mib(const std::string& path, size_t n, uint64_t seed) {
   if (!err && fsync(fd) != 0) err = errno;
   if (close(fd) != 0 && !err) err = errno;
   return err;
+}
+
+// Descriptors a daemon holds of deleted files below dir ("(deleted)" links in /proc/PID/fd).
+std::vector<std::string> deleted_files_held(pid_t pid, const std::string& dir) {
+  std::vector<std::string> out;
+  const std::string fds = "/proc/" + std::to_string(pid) + "/fd";
+  DIR* d = opendir(fds.c_str());
+  if (!d) return {"cannot list " + fds};
+  while (dirent* de = readdir(d)) {
+    char target[PATH_MAX];
+    ssize_t n = readlinkat(dirfd(d), de->d_name, target, sizeof target - 1);
+    if (n <= 0) continue;
+    std::string t(target, static_cast<size_t>(n));
+    if (t.rfind(dir + "/", 0) == 0 && t.find(" (deleted)") != std::string::npos) out.push_back(t);
+  }
+  closedir(d);
+  return out;
+}
+
+TEST(ReplicationFullDisk, DeletedFilesFreeTheirSpaceOnMasterAndSlaveOnceClosed) {
+  Cluster c("repl-release");
+  Node& m = c.add_master({"--ack", "sync"});
+  ASSERT_TRUE(m.ok());
+  Node& s = c.add_slave(m);
+  ASSERT_TRUE(s.ok());
+  // A file unlinked while open keeps taking writes, on the master and so on the slave.
+  int fd = open(m.file("tmp").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  repl::pwrite_all(fd, repl::random_bytes(1, 4 << 20), 0);
+  ASSERT_EQ(fsync(fd), 0);
+  ASSERT_EQ(unlink(m.file("tmp").c_str()), 0);
+  repl::pwrite_all(fd, repl::random_bytes(2, 4 << 20), 4 << 20);
+  ASSERT_EQ(fsync(fd), 0) << "a write to an unlinked, open file did not replicate";
+  EXPECT_SYNCED(m, s.mnt);
+  EXPECT_FALSE(deleted_files_held(s.pid(), s.data).empty()) << "the slave let go of a file still open on the master";
+  // Several deleted files, all closed: neither daemon may keep their space.
+  ASSERT_EQ(close(fd), 0);
+  for (int i = 0; i < 5; i++) {
+    const std::string f = m.file("gone" + std::to_string(i));
+    ASSERT_EQ(write_and_fsync(f, repl::random_bytes(10 + i, 2 << 20)), 0);
+    ASSERT_EQ(unlink(f.c_str()), 0);
+  }
+  EXPECT_SYNCED(m, s.mnt);
+  std::vector<std::string> held_m, held_s;
+  repl::wait_until(
+      [&] {
+        held_m = deleted_files_held(m.pid(), m.data);
+        held_s = deleted_files_held(s.pid(), s.data);
+        return held_m.empty() && held_s.empty();
+      },
+      10s, 100ms);
+  EXPECT_TRUE(held_m.empty()) << "the master keeps " << held_m.size() << " deleted files open, e.g. " << held_m.front();
+  EXPECT_TRUE(held_s.empty()) << "the slave keeps " << held_s.size() << " deleted files open, e.g. " << held_s.front();
+  EXPECT_SAME_TREE(m, s);
 }
 
 TEST(ReplicationFullDisk, SlaveOutOfSpaceStopsClearlyKeepsItsDataAndResumesWhenThereIsRoom) {

@@ -341,6 +341,12 @@ class Records {
     r.name = name;
     return r;
   }
+  Record release(FileId fid) {
+    Record r;
+    r.op = Op::release;
+    r.fid = fid;
+    return r;
+  }
   Record fsync(FileId fid, uint32_t flags = 0) {
     Record r;
     r.op = Op::fsync;
@@ -827,6 +833,27 @@ TEST_F(StoreTest, WriteAfterUnlinkReachesOrphanedInode) {
   EXPECT_FALSE(exists(p("b")));
   close(fa);
   close(fb);
+}
+
+TEST_F(StoreTest, ReleaseClosesANamelessFileAndLeavesNamedOnesAlone) {
+  ASSERT_EQ(apply(R.create(kRootFileId, "a", kF1)), 0);
+  ASSERT_EQ(apply(R.write(kF1, 0, "data")), 0);
+  ASSERT_EQ(apply(R.create(kRootFileId, "b", kF2)), 0);
+  ASSERT_EQ(apply(R.link(kF2, kRootFileId, "c")), 0);
+  ASSERT_EQ(apply(R.unlink(kRootFileId, "a", kF1)), 0);
+  ASSERT_EQ(apply(R.unlink(kRootFileId, "b", kF2)), 0);
+  EXPECT_GE(store().files().path_fd(kF1), 0) << "an unlinked file must stay reachable until released";
+  ASSERT_EQ(apply(R.release(kF1)), 0);
+  EXPECT_EQ(store().files().path_fd(kF1), -1) << "a released, nameless file is still held open";
+  // kF2 still has the name "c": a release (a handle of it closed) changes nothing.
+  ASSERT_EQ(apply(R.release(kF2)), 0);
+  ASSERT_GE(store().files().path_fd(kF2), 0);
+  ASSERT_EQ(apply(R.write(kF2, 0, "kept")), 0);
+  EXPECT_EQ(slurp(p("c")), "kept");
+  // Records for the released file are refused cleanly; replayed ones are skipped.
+  EXPECT_ERRNO(ENOENT, apply(R.write(kF1, 0, "late")));
+  EXPECT_EQ(store().apply_replayed(R.write(kF1, 0, "late")), 0);
+  EXPECT_EQ(store().apply_replayed(R.release(kF1)), 0);
 }
 
 TEST_F(StoreTest, WriteAfterUnlinkOfOneHardLinkReachesRemainingName) {
