@@ -1661,7 +1661,12 @@ TEST(ReplicationFullDisk, DeletedFilesFreeTheirSpaceOnMasterAndSlaveOnceClosed) 
     ASSERT_EQ(write_and_fsync(f, repl::random_bytes(10 + i, 2 << 20)), 0);
     ASSERT_EQ(unlink(f.c_str()), 0);
   }
+  // A file replaced by a rename loses its last name too (PostgreSQL and SQLite both do this).
+  ASSERT_EQ(write_and_fsync(m.file("victim"), repl::random_bytes(20, 2 << 20)), 0);
+  ASSERT_EQ(write_and_fsync(m.file("victim.new"), repl::random_bytes(21, 1 << 20)), 0);
+  ASSERT_EQ(rename(m.file("victim.new").c_str(), m.file("victim").c_str()), 0);
   EXPECT_SYNCED(m, s.mnt);
+  EXPECT_EQ(read_file(s.file("victim")), repl::random_bytes(21, 1 << 20));
   std::vector<std::string> held_m, held_s;
   repl::wait_until(
       [&] {

@@ -2,7 +2,9 @@
 // driven by records through their Stores, the diff run over a socketpair between them.
 #include <gtest/gtest.h>
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/falloc.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -227,6 +229,42 @@ TEST(HashIndex, TreeFollowsRecordsWithoutRereadingTheFile) {
   punch.length = 3 * kBs;
   ASSERT_EQ(v.apply(punch), 0);
   EXPECT_EQ(v.index_root(f, "f"), v.fresh_root("f"));
+}
+
+// Descriptors this process holds of deleted files below dir.
+size_t deleted_files_held(const std::string& dir) {
+  size_t n = 0;
+  DIR* d = opendir("/proc/self/fd");
+  while (dirent* de = d ? readdir(d) : nullptr) {
+    char target[PATH_MAX];
+    ssize_t len = readlinkat(dirfd(d), de->d_name, target, sizeof target - 1);
+    if (len <= 0) continue;
+    std::string t(target, static_cast<size_t>(len));
+    if (t.rfind(dir + "/", 0) == 0 && t.find(" (deleted)") != std::string::npos) n++;
+  }
+  if (d) closedir(d);
+  return n;
+}
+
+TEST(HashIndex, LetsGoOfFilesThatLostTheirLastName) {
+  Volume v;
+  std::mt19937_64 rng(3);
+  FileId a = v.create(kRootFileId, "a");
+  v.write(a, 0, random_bytes(rng, 1 << 20));
+  FileId b = v.create(kRootFileId, "b");
+  v.write(b, 0, random_bytes(rng, 1 << 20));
+  FileId c = v.create(kRootFileId, "c");
+  v.write(c, 0, random_bytes(rng, 4096));
+  v.unlink(kRootFileId, "a", a);
+  v.rename(kRootFileId, "c", kRootFileId, "b");  // b loses its name to c
+  Record rel;
+  rel.op = Op::release;  // the master closed them: the store's file table lets go too
+  rel.fid = a;
+  ASSERT_EQ(v.apply(rel), 0);
+  rel.fid = b;
+  ASSERT_EQ(v.apply(rel), 0);
+  EXPECT_EQ(deleted_files_held(v.dir.path), 0u) << "deleted files are still held open, so their space is not freed";
+  EXPECT_EQ(v.index_root(c, "b"), v.fresh_root("b"));  // the survivor's tree is intact
 }
 
 TEST(HashIndex, CleanCloseSavesTreesAndTheNextStartRehashesNothing) {
