@@ -1,5 +1,6 @@
 #include "blockrepl/writeback.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -9,26 +10,46 @@
 
 namespace blockrepl {
 
+void SequentialRun::restart(uint64_t offset, uint64_t end) {
+  handed_ = offset;
+  prefix_ = end;
+  ahead_.clear();
+}
+
 SequentialRun::Range SequentialRun::wrote(uint64_t offset, uint64_t length) {
   if (length == 0) return {};
   const uint64_t end = offset + length;
-  if (offset < start_) {
-    // A write just behind what was handed out: a late one of this run. Anything else behind
-    // it rewrites the file: a new run starts there.
-    if (end <= start_ && start_ - offset <= kSlack) return {};
-    start_ = offset;
-    end_ = end;
+  if (offset < handed_ || offset > prefix_ + kReorder) {
+    restart(offset, end);  // a rewrite of what went out, or a jump: a new run
     return {};
   }
-  if (offset > end_ + kSlack) {  // a jump ahead: a new run
-    start_ = offset;
-    end_ = end;
+  if (offset > prefix_) {
+    // Written ahead of the prefix: kept until the gap before it is filled (merged with the
+    // pieces it touches, so that a run costs a few entries).
+    auto it = ahead_.upper_bound(offset);
+    uint64_t lo = offset, hi = end;
+    if (it != ahead_.begin() && std::prev(it)->second >= offset) {
+      --it;
+      lo = it->first;
+      hi = std::max(hi, it->second);
+      it = ahead_.erase(it);
+    }
+    while (it != ahead_.end() && it->first <= hi) {
+      hi = std::max(hi, it->second);
+      it = ahead_.erase(it);
+    }
+    ahead_.emplace(lo, hi);
+    if (ahead_.size() > kMaxPieces) restart(offset, end);  // scattered writes, not a run
     return {};
   }
-  if (end > end_) end_ = end;
-  if (end_ - start_ < kWindow + kSlack) return {};
-  Range r{start_, end_ - kSlack - start_};
-  start_ += r.length;
+  if (end > prefix_) prefix_ = end;
+  while (!ahead_.empty() && ahead_.begin()->first <= prefix_) {
+    prefix_ = std::max(prefix_, ahead_.begin()->second);
+    ahead_.erase(ahead_.begin());
+  }
+  if (prefix_ - handed_ < kWindow) return {};
+  Range r{handed_, prefix_ - handed_};
+  handed_ = prefix_;
   return r;
 }
 

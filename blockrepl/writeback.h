@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -17,24 +18,29 @@
 namespace blockrepl {
 
 // Finds sequential runs in the writes of one file. The FUSE layer's writeback sends a sequential
-// writer's pages as several requests at once, handled by several threads, so a run tolerates
-// writes that arrive a little out of order (up to kSlack behind its highest end).
+// writer's pages as many requests at once (up to max_background), answered by several threads,
+// so the writes of a run arrive out of order, up to some tens of MiB apart. A run keeps the
+// pieces written ahead of its contiguous prefix and hands out only what is completely written.
 class SequentialRun {
  public:
-  static constexpr uint64_t kWindow = uint64_t{8} << 20;  // written back in pieces of at least this
-  static constexpr uint64_t kSlack = uint64_t{4} << 20;   // kept back for late, reordered writes
+  static constexpr uint64_t kWindow = uint64_t{8} << 20;      // handed out in pieces of at least this
+  static constexpr uint64_t kReorder = uint64_t{128} << 20;   // how far ahead a write of the run may land
+  static constexpr size_t kMaxPieces = 256;                   // pieces ahead of the prefix, at most
 
   struct Range {
     uint64_t offset = 0;
     uint64_t length = 0;
   };
   // Notes a write of [offset, offset + length); returns the range now ready to be written back
-  // (length 0 if none). Each byte of a run is handed out at most once.
+  // (length 0 if none). Each byte of a run is handed out at most once; a write to what was
+  // already handed out rewrites the file and starts a new run there.
   Range wrote(uint64_t offset, uint64_t length);
 
  private:
-  uint64_t start_ = 0;  // first byte of the run not handed out yet
-  uint64_t end_ = 0;    // highest end written in the run
+  void restart(uint64_t offset, uint64_t end);
+  uint64_t handed_ = 0;  // the run's first byte not handed out yet
+  uint64_t prefix_ = 0;  // end of the contiguous part written since the run started
+  std::map<uint64_t, uint64_t> ahead_;  // start -> end of pieces written past the prefix
 };
 
 // Tracks the runs of every file and starts the disk writes of their complete windows from a
