@@ -160,7 +160,10 @@ int HashIndex::before_change(const Record& rec, int fd) {
         // also logs the extents ahead of it, so it pays one log sync per 1 + kPrelogExtents
         // extents. Random writers (databases) log only what they touch.
         const uint64_t extent = rec.offset >> DirtyLog::kExtentShift;
-        if (extent > 0 && log_->logged(rec.fid, extent - 1)) {
+        bool sequential = false;
+        for (uint64_t back = 1; back <= kSequentialLookback && back <= extent && !sequential; back++)
+          sequential = log_->logged(rec.fid, extent - back);
+        if (sequential) {
           const uint64_t next = (rec.offset + rec.data.size() + DirtyLog::kExtentSize - 1) & ~(DirtyLog::kExtentSize - 1);
           log_->note(rec.fid, next, kPrelogExtents * DirtyLog::kExtentSize);
         }

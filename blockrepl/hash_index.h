@@ -37,8 +37,11 @@ class HashIndex {
  public:
   static constexpr auto kCheckpointInterval = std::chrono::seconds(30);
   static constexpr auto kRefreshInterval = std::chrono::seconds(1);
-  // Extents logged ahead of a write into a new extent (see before_change): 15 x 4 MiB.
-  static constexpr uint64_t kPrelogExtents = 15;
+  // Extents logged ahead of a sequential write into a new extent (see before_change): 31 x 4 MiB.
+  static constexpr uint64_t kPrelogExtents = 31;
+  // A write into a new extent counts as sequential if one of this many extents before it is
+  // logged (FUSE writeback delivers a sequential writer's pages up to some MiB out of order).
+  static constexpr uint64_t kSequentialLookback = 4;
 
   // root_fd: the backing directory (O_PATH is fine); meta_fd: its metadata folder. Recovers
   // after an unclean stop (syncs the data, rehashes logged extents, saves, clears the log).
