@@ -1734,9 +1734,13 @@ TEST(ReplicationFullDisk, MasterOutOfSpaceFailsTheWriteWithEnospcAndTheSlaveStay
   ASSERT_EQ(write_and_fsync(m.file("kept"), kept), 0);
 
   EXPECT_EQ(write_mib(m.file("big"), 40, 900), ENOSPC) << "a write past the master's free space did not fail with ENOSPC";
-  // The volume still works: free the space, write again.
+  // The volume still works: free the space, write again. The space of a deleted file comes back
+  // once the kernel and the daemon have let go of it, which is asynchronous (a moment).
   ASSERT_EQ(unlink(m.file("big").c_str()), 0);
-  ASSERT_EQ(write_and_fsync(m.file("after"), repl::random_bytes(82, 100000)), 0);
+  int after_err = -1;
+  repl::wait_until([&] { return (after_err = write_and_fsync(m.file("after"), repl::random_bytes(82, 100000))) == 0; },
+                   10s, 100ms);
+  ASSERT_EQ(after_err, 0) << "the space of a deleted file did not come back: " << err_text(after_err);
   EXPECT_SYNCED(m, s.mnt);
   EXPECT_EQ(read_file(m.file("kept")), kept);
   EXPECT_EQ(read_file(s.file("kept")), kept);
