@@ -197,7 +197,7 @@ int HashIndex::before_change(const Record& rec, int fd) {
   return 0;
 }
 
-void HashIndex::after_change(const Record& rec, int fd) {
+void HashIndex::after_change(const Record& rec, int fd, bool completed) {
   if (rec.fid == kInvalidFileId) return;
   auto ep = entry(rec.fid);
   Entry& e = *ep;
@@ -212,7 +212,8 @@ void HashIndex::after_change(const Record& rec, int fd) {
   }
   switch (rec.op) {
     case Op::write:
-      e.tree.mark_dirty(rec.offset, rec.data.size());
+      if (completed) e.tree.wrote(rec.offset, rec.data);
+      else e.tree.mark_dirty(rec.offset, rec.data.size());
       break;
     case Op::truncate:
       e.tree.truncate(rec.offset);

@@ -3,9 +3,11 @@
 // slave alike, and the Merkle diff asks with_tree() for a clean tree.
 //
 // Costs on the write path: one hash-set lookup in the dirty-region log (an fdatasync of that
-// small log only for the first write into a 4 MiB extent since the last clean point) and a
-// range insert into the file's dirty set. Hashing happens later, when a tree is asked for or at
-// a checkpoint, and reads only the blocks that changed.
+// small log only for the first write into a 4 MiB extent since the last clean point), and the
+// hashing of the blocks the write covers whole, from the record's data while it is at hand
+// (XXH3, some GB/s: far cheaper than reading them back). Blocks written in part go into the
+// file's dirty set and are read back and hashed later, when a tree is asked for or at a
+// checkpoint.
 //
 // Trees are saved under <meta>/hashes at checkpoints (every kCheckpointInterval while there are
 // changes, and at a clean close). After an unclean stop the constructor rehashes only the
@@ -57,7 +59,9 @@ class HashIndex {
   // Hold change_lock() shared across before_change, the change itself and after_change.
   std::shared_mutex& change_lock() { return change_mu_; }
   int before_change(const Record& rec, int fd);  // logs the extents; 0 or an errno
-  void after_change(const Record& rec, int fd);  // marks the blocks dirty
+  // Marks the blocks dirty; a write that completed hashes the blocks it covers whole from its
+  // data instead (see FileHashTree::wrote), one that failed part-way is read back later.
+  void after_change(const Record& rec, int fd, bool completed = true);
 
   // A new, empty regular file: its tree starts valid and empty (so it is never rehashed whole).
   void created(FileId fid);

@@ -203,6 +203,53 @@ void FileHashTree::mark_dirty(uint64_t offset, uint64_t length) {
   add_range(dirty_, offset >> shift_, div_ceil(end, block_size_));
 }
 
+void FileHashTree::remove_range(Ranges& r, uint64_t start, uint64_t end) {
+  if (start >= end) return;
+  auto it = r.upper_bound(start);
+  if (it != r.begin() && std::prev(it)->second > start) {
+    // The range before reaches into [start, end): keep its head, and its tail past end.
+    auto prev = std::prev(it);
+    const uint64_t prev_end = prev->second;
+    if (prev->first < start) prev->second = start;
+    else r.erase(prev);
+    if (prev_end > end) {
+      r.emplace(end, prev_end);
+      return;
+    }
+  }
+  while (it != r.end() && it->first < end) {
+    if (it->second > end) {
+      const uint64_t tail_end = it->second;
+      r.erase(it);
+      r.emplace(end, tail_end);
+      return;
+    }
+    it = r.erase(it);
+  }
+}
+
+void FileHashTree::wrote(uint64_t offset, std::string_view data) {
+  if (data.empty()) return;
+  const uint64_t end = offset + data.size();
+  if (end < offset) throw Error("hash tree of " + label_ + ": range overflows");
+  if (end > size_) truncate(end);
+  const uint64_t first_whole = div_ceil(offset, block_size_);
+  const uint64_t end_whole = end >> shift_;
+  if (first_whole >= end_whole) {
+    add_range(dirty_, offset >> shift_, div_ceil(end, block_size_));
+    return;
+  }
+  // The partial blocks at either end must be read back: the write holds only part of them.
+  if ((offset & (block_size_ - 1)) != 0) add_range(dirty_, offset >> shift_, first_whole);
+  if ((end & (block_size_ - 1)) != 0) add_range(dirty_, end_whole, end_whole + 1);
+  auto& leaves = levels_[0];
+  const char* p = data.data() + ((first_whole << shift_) - offset);
+  for (uint64_t b = first_whole; b < end_whole; b++, p += block_size_) leaves[b] = hash_bytes(p, block_size_);
+  // Whatever an earlier partial write left dirty in these blocks is now known.
+  remove_range(dirty_, first_whole, end_whole);
+  add_range(stale_, first_whole, end_whole);
+}
+
 void FileHashTree::truncate(uint64_t new_size) {
   if (new_size == size_) return;
   uint64_t old_n = levels_[0].size();

@@ -24,6 +24,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -92,6 +93,11 @@ class FileHashTree {
   // Bytes [offset, offset+length) changed. A range past the end extends the file as pwrite
   // does (the gap reads as zeros). Cheap: no I/O, no hashing; O(log r) in the r dirty ranges.
   void mark_dirty(uint64_t offset, uint64_t length);
+  // `data` was written at `offset` (the write that mark_dirty would be told of), and the caller
+  // still holds it: the blocks it covers whole are hashed from it now, so they never have to be
+  // read back from the file; a block it covers in part is marked dirty. Writes to one file must
+  // reach the file and this call in the same order (the Store applies them one at a time).
+  void wrote(uint64_t offset, std::string_view data);
   // The file is now new_size bytes. Blocks that appear are holes (zero hash, nothing to read);
   // only a shrink that cuts a block in the middle leaves that block to rehash.
   void truncate(uint64_t new_size);
@@ -150,6 +156,7 @@ class FileHashTree {
   using Ranges = std::map<uint64_t, uint64_t>;  // start -> end, disjoint, not adjacent
   static void add_range(Ranges& r, uint64_t start, uint64_t end);
   static void clip_ranges(Ranges& r, uint64_t end);
+  static void remove_range(Ranges& r, uint64_t start, uint64_t end);
   void require_clean(const char* what) const;
   void hash_blocks(int fd, uint64_t first, uint64_t end, std::vector<char>& buf);
   void recompute_internal();

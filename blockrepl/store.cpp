@@ -89,7 +89,7 @@ int Store::apply(const Record& rec, const Targets& given, timespec* mtime_out) {
     if (int err = hashes_->before_change(rec, t.fd)) return err;
     int err = apply_resolved(rec, t);
     // A failed write may still have changed some bytes: marking them dirty costs nothing.
-    if (!err || rec.op == Op::write) hashes_->after_change(rec, t.fd);
+    if (!err || rec.op == Op::write) hashes_->after_change(rec, t.fd, err == 0);
     if (err) return err;
   } else if (int err = apply_resolved(rec, t)) {
     return err;

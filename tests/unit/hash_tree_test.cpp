@@ -140,7 +140,9 @@ TEST(HashTree, QueriesRefuseUnrefreshedChanges) {
 // ----------------------------------------------------------------------------------------------
 // Incremental upkeep equals a full build
 
-void incremental_matches_build(uint32_t bs, uint64_t initial, int ops, unsigned seed) {
+// with_data: about half of the writes hand their data to the tree (wrote), as the Store does,
+// the others only say where they wrote (mark_dirty), so both kinds meet on the same blocks.
+void incremental_matches_build(uint32_t bs, uint64_t initial, int ops, unsigned seed, bool with_data = false) {
   TempDir dir;
   File f(dir.file("data"));
   std::mt19937_64 rng(seed);
@@ -174,8 +176,11 @@ void incremental_matches_build(uint32_t bs, uint64_t initial, int ops, unsigned 
         uint64_t off = rng() % (size + size / 4 + 1);
         uint64_t len = (rng() % 8 == 0) ? 1 + rng() % (40 * bs) : 1 + rng() % (2 * bs);
         if (off + len > max_size) off = max_size - len;
-        pwrite_all(f.fd, random_bytes(rng, len), off);
-        t.mark_dirty(off, len);
+        if (with_data && rng() % 4 == 0) off -= off % bs;  // whole blocks, often
+        const std::string data = random_bytes(rng, len);
+        pwrite_all(f.fd, data, off);
+        if (with_data && rng() % 2 == 0) t.wrote(off, data);
+        else t.mark_dirty(off, len);
       }
     }
   }
@@ -188,6 +193,34 @@ TEST(HashTree, IncrementalRefreshMatchesBuild4K) { incremental_matches_build(409
 // 512-byte blocks give 4 levels on a small file, so every internal level is exercised.
 TEST(HashTree, IncrementalRefreshMatchesBuild512) { incremental_matches_build(512, 6 << 20, 400, 2); }
 TEST(HashTree, IncrementalFromEmptyFile) { incremental_matches_build(512, 0, 200, 3); }
+TEST(HashTree, WritesHashedFromTheirDataMatchBuild4K) { incremental_matches_build(4096, 8 << 20, 400, 11, true); }
+TEST(HashTree, WritesHashedFromTheirDataMatchBuild512) { incremental_matches_build(512, 6 << 20, 400, 12, true); }
+TEST(HashTree, WritesHashedFromTheirDataFromEmptyFile) { incremental_matches_build(512, 0, 300, 13, true); }
+
+TEST(HashTree, WholeBlocksWrittenNeedNoReadBack) {
+  TempDir dir;
+  File f(dir.file("data"));
+  std::mt19937_64 rng(14);
+  pwrite_all(f.fd, random_bytes(rng, 4 << 20), 0);
+  FileHashTree t = built(f.fd);
+  auto write = [&](uint64_t off, size_t len) {
+    const std::string data = random_bytes(rng, len);
+    pwrite_all(f.fd, data, off);
+    t.wrote(off, data);
+  };
+  write(1 << 20, 1 << 20);                 // 256 whole blocks
+  EXPECT_EQ(t.dirty_blocks(), 0u);
+  write(3 * 4096 + 100, 2 * 4096);         // blocks 3 and 5 in part, block 4 whole
+  EXPECT_EQ(t.dirty_blocks(), 2u);
+  write(3 * 4096, 4096);                   // block 3 now written whole: known again
+  EXPECT_EQ(t.dirty_blocks(), 1u);
+  write(10 * 4096 + 1, 10);                // inside one block
+  EXPECT_EQ(t.dirty_blocks(), 2u);
+  write(8 << 20, 3 * 4096);                // past EOF: a hole, then whole blocks
+  EXPECT_EQ(t.dirty_blocks(), 2u);
+  EXPECT_EQ(t.refresh(f.fd), 2u);
+  expect_same_tree(t, built(f.fd));
+}
 
 TEST(HashTree, RefreshReadsOnlyDirtyBlocks) {
   TempDir dir;
