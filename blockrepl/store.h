@@ -5,6 +5,8 @@
 #pragma once
 #include <sys/types.h>
 
+#include <atomic>
+
 #include "blockrepl/file_table.h"
 #include "blockrepl/record.h"
 #include "blockrepl/writeback.h"
@@ -30,6 +32,10 @@ class Store {
   // Keeps these hash trees current with every data record applied (not owned; may be null).
   void set_hashes(HashIndex* hashes) { hashes_ = hashes; }
   HashIndex* hashes() const { return hashes_; }
+  // Large block-aligned writes go to the disk directly (O_DIRECT) instead of through the page
+  // cache. For a slave's applier: its replica is read rarely, and filling new page-cache pages
+  // is most of what applying a sequential stream costs. Barriers still sync as before.
+  void set_direct_writes(bool on) { direct_writes_.store(on, std::memory_order_relaxed); }
 
   // Applies one record. Returns 0 or an errno (the backing file system's answer).
   // With `mtime_out`, a record that changes a file's data or creates an entry reports the
@@ -54,6 +60,10 @@ class Store {
   int resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw);
   int apply_created(const Record& rec, int parent_fd);
   int apply_resolved(const Record& rec, Targets& t);
+  bool wants_direct(const Record& rec) const;
+  // Writes rec.data at rec.offset of the file open as fd, bypassing the page cache. EINVAL if
+  // the file system cannot (the caller then writes through the page cache).
+  static int write_direct(int fd, const Record& rec);
   static bool stamps_mtime(Op op);
   // fid may have lost its last name: the tables holding descriptors of it let go in time.
   void maybe_orphaned(FileId fid);
@@ -64,6 +74,14 @@ class Store {
   FileTable files_;
   HashIndex* hashes_ = nullptr;
   EarlyWriteback writeback_;
+  std::atomic<bool> direct_writes_{false};
+  std::atomic<bool> direct_unsupported_{false};  // the backing file system refused O_DIRECT
+
+ public:
+  // Writes smaller than this, or not aligned to kDirectAlign in offset and length, always go
+  // through the page cache (a database's pages, a file's tail).
+  static constexpr size_t kDirectMin = 256 << 10;
+  static constexpr size_t kDirectAlign = 4096;  // covers 512-byte and 4 KiB logical blocks
 };
 
 }  // namespace blockrepl

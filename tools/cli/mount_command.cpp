@@ -216,6 +216,7 @@ nlohmann::json promote_json(Daemon& d) {
     if (d.upstream) d.node->set_barrier_waiter([u = d.upstream.get()](Lsn lsn) { return u->wait_barrier(lsn); });
     d.filesystem->set_read_only(false);
     d.promoted = true;
+    d.node->store().set_direct_writes(false);  // a master's files are read back: keep them cached
     LOG_WARN("promoted to master at lsn %llu: new lineage %s", static_cast<unsigned long long>(last), lineage.c_str());
     return json{{"promoted", true}, {"lsn", last}, {"lineage", lineage}};
   } catch (const std::exception& e) {
@@ -349,6 +350,7 @@ int run_mount(const MountOptions& opts) {
     cfg.read_only = slave;
     if (slave) {
       d.node->store().set_track_files(true);
+      d.node->store().set_direct_writes(true);
       d.node->store().files().scan();
       FollowerConfig fc;
       fc.master_address = opts.master;
