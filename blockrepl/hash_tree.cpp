@@ -229,23 +229,16 @@ void FileHashTree::remove_range(Ranges& r, uint64_t start, uint64_t end) {
 }
 
 void FileHashTree::wrote(uint64_t offset, std::string_view data) {
-  if (data.empty()) return;
-  const uint64_t end = offset + data.size();
-  if (end < offset) throw Error("hash tree of " + label_ + ": range overflows");
-  if (end > size_) truncate(end);
+  // Every block the write touches is dirty, as for any write; then the blocks it covers whole
+  // are hashed from the data and are clean again. Only the partial blocks at either end are
+  // left to be read back.
+  mark_dirty(offset, data.size());
   const uint64_t first_whole = div_ceil(offset, block_size_);
-  const uint64_t end_whole = end >> shift_;
-  if (first_whole >= end_whole) {
-    add_range(dirty_, offset >> shift_, div_ceil(end, block_size_));
-    return;
-  }
-  // The partial blocks at either end must be read back: the write holds only part of them.
-  if ((offset & (block_size_ - 1)) != 0) add_range(dirty_, offset >> shift_, first_whole);
-  if ((end & (block_size_ - 1)) != 0) add_range(dirty_, end_whole, end_whole + 1);
+  const uint64_t end_whole = (offset + data.size()) >> shift_;
+  if (first_whole >= end_whole) return;
   auto& leaves = levels_[0];
   const char* p = data.data() + ((first_whole << shift_) - offset);
   for (uint64_t b = first_whole; b < end_whole; b++, p += block_size_) leaves[b] = hash_bytes(p, block_size_);
-  // Whatever an earlier partial write left dirty in these blocks is now known.
   remove_range(dirty_, first_whole, end_whole);
   add_range(stale_, first_whole, end_whole);
 }

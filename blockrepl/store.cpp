@@ -235,8 +235,8 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
 }
 
 bool Store::wants_direct(const Record& rec) const {
-  return direct_writes_.load(std::memory_order_relaxed) && !direct_unsupported_.load(std::memory_order_relaxed) && rec.data.size() >= kDirectMin &&
-         rec.data.size() % kDirectAlign == 0 && rec.offset % kDirectAlign == 0;
+  if (!direct_writes_.load(std::memory_order_relaxed) || direct_unsupported_.load(std::memory_order_relaxed)) return false;
+  return rec.data.size() >= kDirectMin && rec.data.size() % kDirectAlign == 0 && rec.offset % kDirectAlign == 0;
 }
 
 int Store::write_direct(int fd, const Record& rec) {

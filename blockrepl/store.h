@@ -36,6 +36,10 @@ class Store {
   // cache. For a slave's applier: its replica is read rarely, and filling new page-cache pages
   // is most of what applying a sequential stream costs. Barriers still sync as before.
   void set_direct_writes(bool on) { direct_writes_.store(on, std::memory_order_relaxed); }
+  // Writes smaller than this, or not aligned to kDirectAlign in offset and length, always go
+  // through the page cache (a database's pages, a file's tail).
+  static constexpr size_t kDirectMin = 256 << 10;
+  static constexpr size_t kDirectAlign = 4096;  // covers 512-byte and 4 KiB logical blocks
 
   // Applies one record. Returns 0 or an errno (the backing file system's answer).
   // With `mtime_out`, a record that changes a file's data or creates an entry reports the
@@ -76,12 +80,6 @@ class Store {
   EarlyWriteback writeback_;
   std::atomic<bool> direct_writes_{false};
   std::atomic<bool> direct_unsupported_{false};  // the backing file system refused O_DIRECT
-
- public:
-  // Writes smaller than this, or not aligned to kDirectAlign in offset and length, always go
-  // through the page cache (a database's pages, a file's tail).
-  static constexpr size_t kDirectMin = 256 << 10;
-  static constexpr size_t kDirectAlign = 4096;  // covers 512-byte and 4 KiB logical blocks
 };
 
 }  // namespace blockrepl

@@ -38,6 +38,7 @@
 
 #include "blockrepl.capnp.h"
 #include "harness.h"
+#include "proc_fds.h"
 #include "replication_util.h"
 
 namespace blockrepl::test {
@@ -1621,22 +1622,7 @@ int write_mib(const std::string& path, size_t n, uint64_t seed) {
   return err;
 }
 
-// Descriptors a daemon holds of deleted files below dir ("(deleted)" links in /proc/PID/fd).
-std::vector<std::string> deleted_files_held(pid_t pid, const std::string& dir) {
-  std::vector<std::string> out;
-  const std::string fds = "/proc/" + std::to_string(pid) + "/fd";
-  DIR* d = opendir(fds.c_str());
-  if (!d) return {"cannot list " + fds};
-  while (dirent* de = readdir(d)) {
-    char target[PATH_MAX];
-    ssize_t n = readlinkat(dirfd(d), de->d_name, target, sizeof target - 1);
-    if (n <= 0) continue;
-    std::string t(target, static_cast<size_t>(n));
-    if (t.rfind(dir + "/", 0) == 0 && t.find(" (deleted)") != std::string::npos) out.push_back(t);
-  }
-  closedir(d);
-  return out;
-}
+using blockrepl::testing::deleted_files_held;
 
 TEST(ReplicationFullDisk, DeletedFilesFreeTheirSpaceOnMasterAndSlaveOnceClosed) {
   Cluster c("repl-release");

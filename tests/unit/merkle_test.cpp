@@ -28,6 +28,7 @@
 #include "blockrepl/namespace.h"
 #include "blockrepl/store.h"
 #include "blockrepl/wire.h"
+#include "proc_fds.h"
 #include "temp_dir.h"
 
 namespace blockrepl {
@@ -231,21 +232,6 @@ TEST(HashIndex, TreeFollowsRecordsWithoutRereadingTheFile) {
   EXPECT_EQ(v.index_root(f, "f"), v.fresh_root("f"));
 }
 
-// Descriptors this process holds of deleted files below dir.
-size_t deleted_files_held(const std::string& dir) {
-  size_t n = 0;
-  DIR* d = opendir("/proc/self/fd");
-  while (dirent* de = d ? readdir(d) : nullptr) {
-    char target[PATH_MAX];
-    ssize_t len = readlinkat(dirfd(d), de->d_name, target, sizeof target - 1);
-    if (len <= 0) continue;
-    std::string t(target, static_cast<size_t>(len));
-    if (t.rfind(dir + "/", 0) == 0 && t.find(" (deleted)") != std::string::npos) n++;
-  }
-  if (d) closedir(d);
-  return n;
-}
-
 TEST(HashIndex, LetsGoOfFilesThatLostTheirLastName) {
   Volume v;
   std::mt19937_64 rng(3);
@@ -263,7 +249,8 @@ TEST(HashIndex, LetsGoOfFilesThatLostTheirLastName) {
   ASSERT_EQ(v.apply(rel), 0);
   rel.fid = b;
   ASSERT_EQ(v.apply(rel), 0);
-  EXPECT_EQ(deleted_files_held(v.dir.path), 0u) << "deleted files are still held open, so their space is not freed";
+  EXPECT_EQ(blockrepl::testing::deleted_files_held(getpid(), v.dir.path), std::vector<std::string>{})
+      << "deleted files are still held open, so their space is not freed";
   EXPECT_EQ(v.index_root(c, "b"), v.fresh_root("b"));  // the survivor's tree is intact
 }
 
