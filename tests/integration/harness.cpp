@@ -49,6 +49,30 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+SmallExt4::SmallExt4(const std::string& dir, const std::string& size) : dir_(dir) {
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  image_ = d + ".ext4.img";
+  std::error_code ec;
+  std::filesystem::create_directories(dir_, ec);
+  for (const std::vector<std::string>& argv :
+       {std::vector<std::string>{"truncate", "-s", size, image_},
+        std::vector<std::string>{"mkfs.ext4", "-q", "-F", "-E", "nodiscard", image_},
+        std::vector<std::string>{"mount", "-o", "loop", image_, dir_}}) {
+    CommandResult r = run_command(argv, 60);
+    if (r.exit_code != 0) {
+      error_ = argv[0] + ": " + r.err;
+      return;
+    }
+  }
+  mounted_ = true;
+}
+
+SmallExt4::~SmallExt4() {
+  if (mounted_ && run_command({"umount", dir_}, 60).exit_code != 0) run_command({"umount", "-l", dir_}, 60);
+  unlink(image_.c_str());
+}
+
 std::string TempDir::sub(const std::string& name) const {
   std::string p = path_ + "/" + name;
   std::filesystem::create_directories(p);

@@ -52,6 +52,26 @@ class Mount {
   std::string error_;
 };
 
+// A small ext4 file system on a loop device, mounted over the directory `dir` (created if
+// missing) for the length of a test: full-disk cases and freshly made file systems (with their
+// lost+found). The image lives beside `dir`; the destructor unmounts (lazily if still busy),
+// which detaches the loop device, and deletes the image, also when the test failed. Unmount
+// any FUSE mount that uses it first (declare it before the Mount or Cluster that does).
+class SmallExt4 {
+ public:
+  SmallExt4(const std::string& dir, const std::string& size);  // size as for truncate: "96M"
+  ~SmallExt4();
+  SmallExt4(const SmallExt4&) = delete;
+  SmallExt4& operator=(const SmallExt4&) = delete;
+  bool ok() const { return mounted_; }
+  const std::string& error() const { return error_; }
+  const std::string& path() const { return dir_; }
+
+ private:
+  std::string dir_, image_, error_;
+  bool mounted_ = false;
+};
+
 bool is_mounted(const std::string& path);
 std::string read_file(const std::string& path);         // whole file; throws on error
 void write_file(const std::string& path, const std::string& data);
