@@ -182,6 +182,7 @@ bool valid_component(const std::string& c) {
 CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids) {
   TreeSender sender(conn, assign_ids);
   sender.walk(root_fd, "");
+  if (struct stat st; fstat(root_fd, &st) == 0) sender.stats.root_mtime = st.st_mtim;
   return sender.stats;
 }
 
@@ -322,7 +323,7 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
   }
 }
 
-void CopyReceiver::finish() {
+void CopyReceiver::finish(timespec root_mtime) {
   finish_file();
   // Deepest first, so setting a child's times does not disturb its parent's afterwards.
   for (auto it = dir_times_.rbegin(); it != dir_times_.rend(); ++it) {
@@ -334,6 +335,10 @@ void CopyReceiver::finish() {
     } catch (const Error&) {
     }
   }
+  if (root_mtime.tv_nsec < 0 || root_mtime.tv_nsec >= 1000000000L) throw Error("copy: bad root mtime from peer", EPROTO);
+  const timespec ts[2] = {{0, UTIME_OMIT}, root_mtime};
+  if (utimensat(AT_FDCWD, fd_path(root_fd_).c_str(), ts, 0) != 0)
+    LOG_WARN("copy: cannot set the mtime of the volume root: %s", strerror(errno));
 }
 
 void remove_tree_at(int dirfd, const char* name) {

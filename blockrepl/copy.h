@@ -4,6 +4,7 @@
 // result exact, as a base backup plus WAL replay does.
 #pragma once
 #include <cstdint>
+#include <ctime>
 #include <functional>
 #include <map>
 #include <string>
@@ -19,6 +20,7 @@ class Store;
 struct CopyStats {
   uint64_t files = 0;
   uint64_t bytes = 0;
+  timespec root_mtime{0, 0};  // the sender's volume root, once everything was sent
 };
 
 // Walks the backing directory `root_fd` (skipping the metadata folder) and sends one CopyEntry
@@ -36,8 +38,9 @@ class CopyReceiver {
   ~CopyReceiver();
   // Throws Error on a malformed entry or a local failure (naming the path).
   void apply(wire::CopyEntry::Reader entry);
-  // Sets directory times (their contents changed them while copying) and closes files.
-  void finish();
+  // Sets directory times (their contents changed them while copying), the root's last, and
+  // closes files.
+  void finish(timespec root_mtime);
   const CopyStats& stats() const { return stats_; }
 
  private:

@@ -26,7 +26,10 @@ bool changes_namespace(Op op) {
 }  // namespace
 
 Follower::Follower(Node& node, FollowerConfig cfg)
-    : node_(node), cfg_(std::move(cfg)), state_(node.meta_fd(), node.data_path() + "/.blockrepl") {
+    : node_(node),
+      cfg_(std::move(cfg)),
+      state_(node.meta_fd(), node.data_path() + "/.blockrepl"),
+      reserve_(node.meta_fd(), node.data_path()) {
   status_.address = cfg_.master_address;
   status_.state = "disconnected";
   status_.durable_lsn = status_.received_lsn = state_.durable();
@@ -45,9 +48,14 @@ Follower::~Follower() { stop(); }
 bool Follower::has_data() const { return state_.attach_complete() && !node_.identity().cluster_id.empty(); }
 
 void Follower::attach_now() {
-  auto conn = connect_to(cfg_.master_address, 5000);
-  handshake(*conn);
-  first_conn_ = std::move(conn);  // streaming continues on it in start()
+  try {
+    auto conn = connect_to(cfg_.master_address, 5000);
+    handshake(*conn);
+    first_conn_ = std::move(conn);  // streaming continues on it in start()
+  } catch (const std::exception& e) {
+    after_failed_session(e);
+    throw;
+  }
 }
 
 void Follower::start() {
@@ -88,8 +96,7 @@ void Follower::run() {
     } catch (const std::exception& e) {
       if (stopping_) break;
       LOG_WARN("master %s: %s", cfg_.master_address.c_str(), e.what());
-      std::lock_guard lk(status_mu_);
-      status_.last_error = e.what();
+      after_failed_session(e);
     }
     {
       std::lock_guard lk(status_mu_);
@@ -106,7 +113,32 @@ void Follower::run() {
   }
 }
 
+void Follower::after_failed_session(const std::exception& e) {
+  const auto* err = dynamic_cast<const Error*>(&e);
+  const bool no_space = err && (err->errno_value() == ENOSPC || err->errno_value() == EDQUOT);
+  if (no_space && !resync_) {
+    LOG_WARN("replica %s is out of space: it re-attaches by Merkle diff once the master's state fits", node_.data_path().c_str());
+    resync_ = true;
+  }
+  if (no_space) reserve_.release();
+  drop_uncommitted_stage();
+  std::lock_guard lk(status_mu_);
+  status_.last_error = e.what();
+  status_.waiting_for = resync_ ? "room on " + node_.data_path() + " for the master's current state (retrying by Merkle diff)"
+                                : "";
+}
+
+// A stage that was not committed is worth nothing once its session ended; its room is better
+// given back at once.
+void Follower::drop_uncommitted_stage() {
+  if (staging_ && !stage_->committed()) stage_->discard();
+  staging_ = false;
+}
+
 void Follower::session() {
+  // The daemon applied part of a committed stage and then failed (its disk filled): finish it
+  // before anything else, as a restart would.
+  if (stage_->committed()) finish_stage();
   std::unique_ptr<Connection> conn = std::move(first_conn_);
   const bool fresh = !conn;
   if (fresh) conn = connect_to(cfg_.master_address, 5000);
@@ -148,6 +180,7 @@ void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
   hello_lsn_ = me.role == "master" ? node_.last_lsn() : complete ? state_.durable() : 0;
   h.setDurableLsn(hello_lsn_);
   h.setDiscardMyData(cfg_.discard_my_data);
+  h.setResync(resync_ && purpose == wire::Purpose::ATTACH);
   h.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(cfg_.ack)));
   h.setEmpty(me.cluster_id.empty() || data_dir_is_empty(node_.root_fd()));
   h.setListenAddress(cfg_.listen_address);
@@ -157,6 +190,7 @@ void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
 }
 
 void Follower::handshake(Connection& conn) {
+  drop_uncommitted_stage();
   const Identity me = node_.identity();
   send_hello(conn, wire::Purpose::ATTACH, false);
   const bool empty = me.cluster_id.empty() || data_dir_is_empty(node_.root_fd());
@@ -310,8 +344,11 @@ void Follower::handshake(Connection& conn) {
       }
     }
   }
+  resync_ = false;
+  reserve_.hold();
   std::lock_guard lk(status_mu_);
   status_.state = "streaming";
+  status_.waiting_for.clear();
 }
 
 void Follower::receive_copy(Connection& conn) {
@@ -329,7 +366,7 @@ void Follower::receive_copy(Connection& conn) {
       continue;
     }
     if (msg.which() == wire::Message::COPY_DONE) {
-      rx.finish();
+      rx.finish({static_cast<time_t>(msg.getCopyDone().getRootMtimeSec()), static_cast<long>(msg.getCopyDone().getRootMtimeNsec())});
       replay_until_ = msg.getCopyDone().getLsn();
       complete_at_ = replay_until_;
       // Everything copied must be durable before the replica may call itself consistent.

@@ -15,6 +15,7 @@
 #include "blockrepl/merkle.h"
 #include "blockrepl/node.h"
 #include "blockrepl/replica_state.h"
+#include "blockrepl/space_reserve.h"
 #include "blockrepl/upstream.h"
 
 namespace blockrepl {
@@ -55,6 +56,7 @@ struct FollowerStatus {
   AttachReport last_attach;
   AttachReport current_attach;  // while state == "attaching"
   std::string last_error;
+  std::string waiting_for;  // while disconnected: what the next attempt needs ("" if only time)
 };
 
 // A refusal the operator must act on (cluster or block-size mismatch, protocol version, ...).
@@ -118,6 +120,13 @@ class Follower {
   bool staging_ = false;    // a Merkle attach: what arrives goes to the stage
   Lsn stage_target_ = 0;    // ... until a barrier at or past this LSN
   Lsn hello_lsn_ = 0;       // the LSN our last hello claimed
+  // The disk filled while applying a record: the records that would free the space come after
+  // the one that cannot be applied, so streaming cannot go on. Ask for the Merkle diff, which
+  // drops what the master no longer has before it needs room for anything new.
+  bool resync_ = false;
+  SpaceReserve reserve_;  // given up when the disk fills, taken back once streaming again
+  void after_failed_session(const std::exception& e);
+  void drop_uncommitted_stage();
   std::function<void(int, const std::string&)> on_exit_;
 
   // Session state.

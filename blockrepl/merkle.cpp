@@ -43,6 +43,14 @@ std::unique_ptr<Frame> expect(Connection& conn, int timeout_ms, const char* duri
   return f;
 }
 
+// Whether two entries agree on everything but their content hash (a directory whose hash
+// differs only because something below it does is not itself different).
+bool same_except_content(const NsEntryInfo& a, const NsEntryInfo& b) {
+  return a.fid == b.fid && a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.rdev == b.rdev &&
+         a.mtime.tv_sec == b.mtime.tv_sec && a.mtime.tv_nsec == b.mtime.tv_nsec && a.link_target == b.link_target &&
+         a.xattrs == b.xattrs && (a.is_dir() || a.size == b.size);
+}
+
 // Opens a file of the master's snapshot for reading.
 int open_snapshot_file(int root_fd, const std::string& path) {
   return openat(root_fd, path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
@@ -71,6 +79,8 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
           l.setExists(d != nullptr);
           if (d) {
             l.setFid(d->fid);
+            l.setMtimeSec(d->mtime.tv_sec);
+            l.setMtimeNsec(d->mtime.tv_nsec);
             auto el = l.initEntries(static_cast<unsigned>(d->entries.size()));
             for (unsigned i = 0; i < d->entries.size(); i++) to_wire(d->entries[i], el[i]);
           }
@@ -191,6 +201,8 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
   DiffReport rep;
   const NamespaceSnapshot mine = NamespaceSnapshot::take(root_fd, hashes, false, deep);
   const uint32_t bs = hashes.block_size();
+  rep.dirs_covered = mine.dirs();
+  rep.entries_covered = mine.files();
 
   // 1. Namespace, breadth first: one round trip per depth with differing directories.
   std::map<FileId, uint64_t> differing_files;  // fid -> master's size
@@ -216,6 +228,12 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
       rep.dirs_listed++;
       const DirInfo* here = mine.dir(path);
       if (!l.getExists()) continue;  // gone on the master: its parent's listing says so
+      if (path.empty() && here) {
+        // Every other directory's mtime is compared in its parent's listing; the root has none.
+        const timespec theirs{static_cast<time_t>(l.getMtimeSec()), static_cast<long>(l.getMtimeNsec())};
+        if (theirs.tv_sec != here->mtime.tv_sec || theirs.tv_nsec != here->mtime.tv_nsec)
+          rep.differences.push_back("metadata differs: / (the root directory)");
+      }
       std::set<std::string> names;
       for (auto we : l.getEntries()) {
         NsEntryInfo e = from_wire(we);
@@ -226,7 +244,7 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
         if (!m) rep.differences.push_back("missing here: " + p);
         else if (m->fid != e.fid || (m->mode & S_IFMT) != (e.mode & S_IFMT)) rep.differences.push_back("different file: " + p);
         else if (!(m->content == e.content) && !e.is_dir()) rep.differences.push_back("content differs: " + p);
-        else if (!e.is_dir()) rep.differences.push_back("metadata differs: " + p);
+        else if (!e.is_dir() || !same_except_content(*m, e)) rep.differences.push_back("metadata differs: " + p);
         if (e.is_dir()) {
           next.push_back(p);
         } else if (e.is_reg()) {
@@ -482,8 +500,15 @@ class FrameReader {
 // Every file id on the volume and in the park, as O_PATH descriptors that follow renames.
 class FidIndex {
  public:
-  ~FidIndex() {
+  ~FidIndex() { clear(); }
+  void clear() {
     for (auto& [fid, fd] : fds_) close(fd);
+    fds_.clear();
+  }
+  std::vector<FileId> ids() const {
+    std::vector<FileId> out;
+    for (auto& [fid, fd] : fds_) out.push_back(fid);
+    return out;
   }
   void scan(int dirfd, bool top) {
     int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -529,6 +554,7 @@ class FidIndex {
 struct StagedListing {
   std::string path;
   FileId fid = kInvalidFileId;
+  timespec mtime{0, 0};
   std::vector<NsEntryInfo> entries;
 };
 
@@ -590,6 +616,10 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
         StagedListing sl;
         sl.path = text_of(l.getPath());
         sl.fid = l.getFid();
+        if (!l.getExists()) continue;
+        sl.mtime = {static_cast<time_t>(l.getMtimeSec()), static_cast<long>(l.getMtimeNsec())};
+        if (sl.mtime.tv_nsec < 0 || sl.mtime.tv_nsec >= 1000000000L)
+          throw Error("stage in " + where_ + " holds a listing with a bad mtime", EPROTO);
         for (auto e : l.getEntries()) sl.entries.push_back(from_wire(e));
         listings.push_back(std::move(sl));
       }
@@ -669,9 +699,22 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
     }
   }
 
-  // Pass 2: data, through the store so the hash trees follow.
+  // What the master no longer has goes now, before the data below needs room: a replica whose
+  // disk filled re-attaches this way once the master's state fits (the stage is committed, so
+  // a crash from here on finishes it rather than exposing a mix).
+  // Nothing may hold a parked file open, or its space would stay taken.
+  index.clear();
   FileTable& files = store.files();
   files.clear();
+  FidIndex parked;
+  parked.scan(park_fd, false);
+  const std::vector<FileId> gone = parked.ids();
+  parked.clear();
+  remove_tree_at(dir_fd_, kParkName);
+  if (HashIndex* h = store.hashes())
+    for (FileId fid : gone) h->maybe_orphaned(fid);
+
+  // Pass 2: data, through the store so the hash trees follow.
   files.scan();
   {
     FrameReader rd(dir_fd_, where_);
@@ -725,6 +768,17 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
     }
   }
 
+  // Directories' times as listed, deepest first (listings come parents first), now that their
+  // entries are in place: the records below stamp their own changes after these.
+  for (auto it = listings.rbegin(); it != listings.rend(); ++it) {
+    int dfd = open_dir_path(root_fd, it->path);
+    if (dfd < 0) continue;
+    const timespec ts[2] = {{0, UTIME_OMIT}, it->mtime};
+    if (utimensat(AT_FDCWD, fd_path(dfd).c_str(), ts, 0) != 0)
+      LOG_WARN("stage of %s: cannot set the mtime of directory '%s': %s", where_.c_str(), it->path.c_str(), strerror(errno));
+    close(dfd);
+  }
+
   // Pass 3: the records that followed the diff, up to the commit point, tolerantly (some may
   // already be reflected in what the diff sent).
   {
@@ -744,8 +798,6 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       }
     }
   }
-  // What is left in the park is what the master no longer has.
-  remove_tree_at(dir_fd_, kParkName);
   files.clear();
   files.scan();
   return out;

@@ -67,6 +67,9 @@ class Stage {
 
 struct DiffReport {
   uint64_t dirs_listed = 0, files_compared = 0, blocks = 0, whole_files = 0, data_bytes = 0;
+  // What the comparison covered: every directory and entry of this replica's tree (equal hashes
+  // vouch for everything below them), not only what had to be listed or descended into.
+  uint64_t dirs_covered = 0, entries_covered = 0;
   unsigned round_trips = 0;
   std::vector<std::string> differences;  // one line each: what differs and where
 };

@@ -38,11 +38,9 @@ Hash128 entry_hash(const NsEntryInfo& e) {
   put_u64(b, e.mode);
   put_u64(b, e.uid);
   put_u64(b, e.gid);
-  if (!e.is_dir()) {
-    put_u64(b, e.size);
-    put_u64(b, static_cast<uint64_t>(e.mtime.tv_sec));
-    put_u64(b, static_cast<uint64_t>(e.mtime.tv_nsec));
-  }
+  if (!e.is_dir()) put_u64(b, e.size);
+  put_u64(b, static_cast<uint64_t>(e.mtime.tv_sec));
+  put_u64(b, static_cast<uint64_t>(e.mtime.tv_nsec));
   put_u64(b, e.rdev);
   put_str(b, e.link_target);
   put_u64(b, e.xattrs.size());
@@ -71,6 +69,7 @@ NamespaceSnapshot NamespaceSnapshot::take(int root_fd, HashIndex& hashes, bool a
 Hash128 NamespaceSnapshot::walk(int dirfd, const std::string& rel, FileId fid, HashIndex& hashes, bool assign_ids, bool deep) {
   DirInfo info;
   info.fid = fid;
+  if (struct stat self; fstat(dirfd, &self) == 0) info.mtime = self.st_mtim;
   int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   std::vector<std::string> names;
   if (fd >= 0) {

@@ -33,12 +33,13 @@ struct NsEntryInfo {
   bool is_reg() const { return S_ISREG(mode); }
 };
 
-// The hash of an entry's fields. Directories' sizes and times are left out: they differ between
-// nodes without any difference a user could act on.
+// The hash of an entry's fields. Directories' sizes are left out: they depend on each file
+// system's history. Their mtimes are in: replicas copy them from the master's records.
 Hash128 entry_hash(const NsEntryInfo& e);
 
 struct DirInfo {
   FileId fid = kInvalidFileId;
+  timespec mtime{0, 0};  // the directory's own (the root has no entry to carry it)
   std::vector<NsEntryInfo> entries;  // sorted by name
   Hash128 listing_hash;
   const NsEntryInfo* find(const std::string& name) const;
@@ -58,7 +59,8 @@ class NamespaceSnapshot {
   };
   const Place* find(FileId fid) const;
   Hash128 root_hash() const;
-  size_t files() const { return by_fid_.size(); }
+  size_t files() const { return by_fid_.size(); }  // entries with a file id, directories included
+  size_t dirs() const { return dirs_.size(); }       // the root included
 
  private:
   Hash128 walk(int dirfd, const std::string& rel, FileId fid, HashIndex& hashes, bool assign_ids, bool deep);

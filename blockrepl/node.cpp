@@ -70,6 +70,27 @@ Lsn Node::next_lsn_locked() {
   return lsn;
 }
 
+// Replicas give files and directories the master's resulting times, not their own clock's.
+void Node::stamp(Record& rec, const Stamps& s) {
+  if (s.mtime.tv_nsec >= 0) {
+    rec.mtime = s.mtime;
+    rec.attr_valid |= kAttrStampMtime;
+  }
+  if (s.atime.tv_nsec >= 0) {
+    rec.atime = s.atime;
+    rec.attr_valid = (rec.attr_valid & ~kAttrAtimeNow) | kAttrAtime;
+  }
+  if (s.set_mtime.tv_nsec >= 0) {
+    rec.mtime = s.set_mtime;
+    rec.attr_valid = (rec.attr_valid & ~kAttrMtimeNow) | kAttrMtime;
+  }
+  if (s.dir_mtime.tv_nsec >= 0) {
+    rec.dir_mtime = s.dir_mtime;
+    rec.dir2_mtime = s.dir2_mtime.tv_nsec >= 0 ? s.dir2_mtime : s.dir_mtime;
+    rec.attr_valid |= kAttrStampDirs;
+  }
+}
+
 int Node::submit(Record& rec, const Targets& t) {
   if (!has_sinks_.load(std::memory_order_acquire)) {
     // Nobody replays these records: the order in which concurrent changes reach the disk need
@@ -81,14 +102,20 @@ int Node::submit(Record& rec, const Targets& t) {
     return 0;
   }
   std::lock_guard lk(order_mu_);
-  timespec mtime{0, -1};
-  int err = store_.apply(rec, t, &mtime);
-  if (err) return err;
-  if (mtime.tv_nsec >= 0) {
-    // Replicas give the file the master's resulting mtime, not their own clock's.
-    rec.mtime = mtime;
-    rec.attr_valid |= kAttrStampMtime;
+  Stamps stamps;
+  int err = store_.apply(rec, t, &stamps);
+  if (err && stamps.written > 0 && rec.op == Op::write) {
+    // What reached the disk before it filled reaches the replicas too; the caller gets the error.
+    Record part = rec;
+    part.data = rec.data.substr(0, stamps.written);
+    stamp(part, stamps);
+    part.lsn = next_lsn_locked();
+    for (RecordSink* s : sinks_) s->on_record(part);
+    last_lsn_.store(part.lsn, std::memory_order_release);
+    return err;
   }
+  if (err) return err;
+  stamp(rec, stamps);
   rec.lsn = next_lsn_locked();
   for (RecordSink* s : sinks_) s->on_record(rec);
   last_lsn_.store(rec.lsn, std::memory_order_release);

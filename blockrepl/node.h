@@ -73,6 +73,7 @@ class Node {
 
  private:
   Lsn next_lsn_locked();
+  static void stamp(Record& rec, const Stamps& s);
 
   std::string data_path_;
   int root_fd_ = -1;

@@ -50,6 +50,10 @@ enum AttrBits : uint32_t {
   // On write/truncate/fallocate/create/mkdir/symlink/mknod: after applying, give the file the
   // master's resulting mtime (`mtime`), so replicas match the master's metadata exactly.
   kAttrStampMtime = 1u << 7,
+  // On create/mkdir/symlink/link/unlink/rmdir/rename: after applying, give the parent directory
+  // the master's resulting mtime (`dir_mtime`) and, for a rename, the target's directory too
+  // (`dir2_mtime`), so directories' times match the master's exactly.
+  kAttrStampDirs = 1u << 8,
 };
 
 constexpr uint32_t kDataSync = 1;  // Op::fsync flag: fdatasync rather than fsync
@@ -70,6 +74,7 @@ struct Record {
   uint32_t attr_valid = 0;          // AttrBits for setattr
   uint64_t rdev = 0;
   timespec atime{0, 0}, mtime{0, 0};
+  timespec dir_mtime{0, 0}, dir2_mtime{0, 0};  // kAttrStampDirs
   // Payload: write data, symlink target or xattr value. A view so the master's write path
   // does not copy; a record that must outlive its source owns its bytes in `owned`.
   std::string_view data;
@@ -112,7 +117,7 @@ struct Record {
     lsn = o.lsn; op = o.op; fid = o.fid; parent = o.parent; parent2 = o.parent2;
     name = o.name; name2 = o.name2; offset = o.offset; length = o.length; mode = o.mode;
     flags = o.flags; uid = o.uid; gid = o.gid; attr_valid = o.attr_valid; rdev = o.rdev;
-    atime = o.atime; mtime = o.mtime;
+    atime = o.atime; mtime = o.mtime; dir_mtime = o.dir_mtime; dir2_mtime = o.dir2_mtime;
   }
 };
 

@@ -21,19 +21,28 @@ namespace blockrepl {
 
 namespace {
 
-int write_all(int fd, const char* p, size_t n, uint64_t off) {
+// Returns 0 or an errno; *done (if given) says how many bytes reached the file either way.
+int write_all(int fd, const char* p, size_t n, uint64_t off, size_t* done = nullptr) {
+  size_t total = 0;
+  int err = 0;
   while (n > 0) {
     ssize_t w = pwrite(fd, p, n, static_cast<off_t>(off));
     if (w < 0) {
       if (errno == EINTR) continue;
-      return errno;
+      err = errno;
+      break;
     }
-    if (w == 0) return EIO;
+    if (w == 0) {
+      err = EIO;
+      break;
+    }
     p += w;
     n -= static_cast<size_t>(w);
     off += static_cast<uint64_t>(w);
+    total += static_cast<size_t>(w);
   }
-  return 0;
+  if (done) *done = total;
+  return err;
 }
 
 int ok_or_errno(int rc) { return rc == 0 ? 0 : errno; }
@@ -85,33 +94,97 @@ bool Store::stamps_mtime(Op op) {
   }
 }
 
-int Store::apply(const Record& rec, const Targets& given, timespec* mtime_out) {
+bool Store::changes_directories(Op op) {
+  switch (op) {
+    case Op::create: case Op::mkdir: case Op::symlink: case Op::link: case Op::unlink: case Op::rmdir: case Op::rename:
+      return true;
+    default:
+      return false;
+  }
+}
+
+int Store::apply(const Record& rec, const Targets& given, Stamps* stamps_out) {
   Targets t;
   const bool data_op = rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate;
   if (int err = resolve(rec, given, t, data_op)) return err;
+  int err = 0;
   if (data_op && hashes_) {
     // The dirty-region log must name the extent before the data can reach the disk.
     std::shared_lock lk(hashes_->change_lock());
-    if (int err = hashes_->before_change(rec, t.fd)) return err;
-    int err = apply_resolved(rec, t);
+    if (int e = hashes_->before_change(rec, t.fd)) return e;
+    err = apply_resolved(rec, t);
     // A failed write may still have changed some bytes: marking them dirty costs nothing.
     if (!err || rec.op == Op::write) hashes_->after_change(rec, t.fd, err == 0);
-    if (err) return err;
-  } else if (int err = apply_resolved(rec, t)) {
+  } else {
+    err = apply_resolved(rec, t);
+  }
+  if (err) {
+    // A write that failed part way (the disk filled) left its first bytes in the file: the
+    // master publishes those, so that its replicas hold what its disk holds.
+    if (stamps_out && rec.op == Op::write && t.written > 0) {
+      stamps_out->written = t.written;
+      report_stamps(rec, t, *stamps_out);
+    }
     return err;
   }
-  if (!stamps_mtime(rec.op)) return 0;
-  const bool created = !data_op;
-  if (mtime_out) {
-    struct stat st;
-    int rc = created ? fstatat(t.parent_fd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) : fstat(t.fd, &st);
-    if (rc == 0) *mtime_out = st.st_mtim;
+  if (stamps_out) {
+    report_stamps(rec, t, *stamps_out);
     return 0;
   }
-  if (rec.attr_valid & kAttrStampMtime) {
-    const timespec ts[2] = {{0, UTIME_OMIT}, rec.mtime};
-    int rc = created ? utimensat(t.parent_fd, rec.name.c_str(), ts, AT_SYMLINK_NOFOLLOW) : futimens(t.fd, ts);
-    if (rc != 0) return errno;
+  return apply_stamps(rec, t);
+}
+
+namespace {
+
+// Sets the mtime of the entry `name` in dirfd, or of dirfd itself when name is empty (dirfd may
+// be O_PATH). Returns 0 or an errno.
+int set_mtime_at(int dirfd, const char* name, timespec mtime) {
+  const timespec ts[2] = {{0, UTIME_OMIT}, mtime};
+  if (*name) return utimensat(dirfd, name, ts, AT_SYMLINK_NOFOLLOW) == 0 ? 0 : errno;
+  if (utimensat(dirfd, "", ts, AT_EMPTY_PATH) == 0) return 0;
+  // Older kernels refuse AT_EMPTY_PATH here; the /proc path works for all but symlinks.
+  if (errno != EINVAL) return errno;
+  return utimensat(AT_FDCWD, fd_path(dirfd).c_str(), ts, 0) == 0 ? 0 : errno;
+}
+
+timespec mtime_of(int fd, const char* name) {
+  struct stat st;
+  int rc = *name ? fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) : fstat(fd, &st);
+  return rc == 0 ? st.st_mtim : timespec{0, -1};
+}
+
+}  // namespace
+
+void Store::report_stamps(const Record& rec, const Targets& t, Stamps& out) {
+  if (stamps_mtime(rec.op)) {
+    const bool created = !(rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate);
+    out.mtime = created ? mtime_of(t.parent_fd, rec.name.c_str()) : mtime_of(t.fd, "");
+  }
+  if (rec.op == Op::setattr && (rec.attr_valid & (kAttrAtimeNow | kAttrMtimeNow))) {
+    struct stat st;
+    if (t.path_fd >= 0 && fstat(t.path_fd, &st) == 0) {
+      if (rec.attr_valid & kAttrAtimeNow) out.atime = st.st_atim;
+      if (rec.attr_valid & kAttrMtimeNow) out.set_mtime = st.st_mtim;
+    }
+  }
+  if (changes_directories(rec.op)) {
+    out.dir_mtime = mtime_of(t.parent_fd, "");
+    if (rec.op == Op::rename) out.dir2_mtime = mtime_of(t.parent2_fd, "");
+  }
+}
+
+int Store::apply_stamps(const Record& rec, const Targets& t) {
+  if ((rec.attr_valid & kAttrStampMtime) && stamps_mtime(rec.op)) {
+    const bool created = !(rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate);
+    if (int err = created ? set_mtime_at(t.parent_fd, rec.name.c_str(), rec.mtime) : set_mtime_at(t.fd, "", rec.mtime))
+      return err;
+  }
+  if ((rec.attr_valid & kAttrStampDirs) && changes_directories(rec.op)) {
+    // The new name's directory last: for a rename within one directory both stamps are equal.
+    if (t.parent_fd >= 0)
+      if (int err = set_mtime_at(t.parent_fd, "", rec.dir_mtime)) return err;
+    if (rec.op == Op::rename && t.parent2_fd >= 0)
+      if (int err = set_mtime_at(t.parent2_fd, "", rec.dir2_mtime)) return err;
   }
   return 0;
 }
@@ -125,7 +198,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
         direct_unsupported_.store(true, std::memory_order_relaxed);
         LOG_INFO("%s: the backing file system refuses O_DIRECT; writing through the page cache", fd_path(t.fd).c_str());
       }
-      if (int err = write_all(t.fd, rec.data.data(), rec.data.size(), rec.offset)) return err;
+      if (int err = write_all(t.fd, rec.data.data(), rec.data.size(), rec.offset, &t.written)) return err;
       writeback_.wrote(rec.fid, t.fd, rec.offset, rec.data.size());
       return 0;
     case Op::truncate:
@@ -286,6 +359,20 @@ FileId Store::entry_fid(FileId dir, const std::string& name) {
   return read_file_id(dfd, name.c_str()).value_or(kInvalidFileId);
 }
 
+// A replayed namespace record whose effect is already there still leaves its directories'
+// times: a crash may have come between the change and its stamp. Records replay in order, so
+// the last one to touch a directory sets its final time.
+int Store::skip_replayed(const Record& rec) {
+  if (!(rec.attr_valid & kAttrStampDirs) || !changes_directories(rec.op)) return 0;
+  Targets t;
+  if (rec.parent != kInvalidFileId) t.parent_fd = files_.path_fd(rec.parent);
+  if (rec.parent2 != kInvalidFileId) t.parent2_fd = files_.path_fd(rec.parent2);
+  Record dirs_only = rec;
+  dirs_only.attr_valid = kAttrStampDirs;
+  apply_stamps(dirs_only, t);  // best effort: a directory gone by now has no time to keep
+  return 0;
+}
+
 int Store::apply_replayed(const Record& rec) {
   auto skip_unless = [&](bool cond) { return !cond; };
   switch (rec.op) {
@@ -293,13 +380,13 @@ int Store::apply_replayed(const Record& rec) {
     case Op::mkdir:
     case Op::symlink: {
       // The file exists already, possibly under another name by now: nothing to create.
-      if (files_.path_fd(rec.fid) >= 0) return 0;
+      if (files_.path_fd(rec.fid) >= 0) return skip_replayed(rec);
       FileId there = entry_fid(rec.parent, rec.name);
       if (there != kInvalidFileId) {
         // Already created (same id), or the name belongs to a later file: either way the
         // directory is past this record.
         if (there == rec.fid) files_.add(rec.fid, files_.path_fd(rec.parent), rec.name.c_str());
-        return 0;
+        return skip_replayed(rec);
       }
       int pfd = files_.path_fd(rec.parent);
       struct stat st;
@@ -310,14 +397,14 @@ int Store::apply_replayed(const Record& rec) {
       break;
     }
     case Op::link: {
-      if (entry_fid(rec.parent, rec.name) != kInvalidFileId) return 0;
-      if (files_.path_fd(rec.fid) < 0) return 0;
+      if (entry_fid(rec.parent, rec.name) != kInvalidFileId) return skip_replayed(rec);
+      if (files_.path_fd(rec.fid) < 0) return skip_replayed(rec);
       break;
     }
     case Op::unlink:
     case Op::rmdir:
     case Op::rename:
-      if (skip_unless(rec.fid != kInvalidFileId && entry_fid(rec.parent, rec.name) == rec.fid)) return 0;
+      if (skip_unless(rec.fid != kInvalidFileId && entry_fid(rec.parent, rec.name) == rec.fid)) return skip_replayed(rec);
       break;
     default:
       if (rec.fid != kInvalidFileId && files_.path_fd(rec.fid) < 0) return 0;  // the file is gone by now
@@ -331,7 +418,7 @@ int Store::apply_replayed(const Record& rec) {
     case EEXIST:
     case ENOTEMPTY:
     case ENODATA:
-      return 0;  // the directory already reflects a later state
+      return skip_replayed(rec);  // the directory already reflects a later state
     default:
       return err;
   }

@@ -18,9 +18,21 @@ struct Targets {
   int path_fd = -1;      // an O_PATH (or any) descriptor of rec.fid
   int parent_fd = -1;    // directory rec.parent
   int parent2_fd = -1;   // directory rec.parent2 (rename)
+  size_t written = 0;    // set by the Store: bytes of a failed write that reached the file
 };
 
 class HashIndex;
+
+// What a change made here left behind that replicas copy instead of taking from their own
+// clocks (tv_nsec < 0: not reported). Node::submit stamps these into the record it publishes.
+struct Stamps {
+  timespec mtime{0, -1};       // the written or created entry's mtime (kAttrStampMtime)
+  timespec atime{0, -1};       // a setattr to "now": the times it set (kAttrAtime/kAttrMtime)
+  timespec set_mtime{0, -1};
+  timespec dir_mtime{0, -1};   // rec.parent's mtime after a namespace change (kAttrStampDirs)
+  timespec dir2_mtime{0, -1};  // rec.parent2's (rename)
+  size_t written = 0;          // a write that failed part way: the bytes that reached the file
+};
 
 class Store {
  public:
@@ -42,9 +54,9 @@ class Store {
   static constexpr size_t kDirectAlign = 4096;  // covers 512-byte and 4 KiB logical blocks
 
   // Applies one record. Returns 0 or an errno (the backing file system's answer).
-  // With `mtime_out`, a record that changes a file's data or creates an entry reports the
-  // resulting mtime there (the master stamps it into the record; see kAttrStampMtime).
-  int apply(const Record& rec, const Targets& given = {}, timespec* mtime_out = nullptr);
+  // With `stamps_out` (the master), the times the change left are reported there; without it
+  // (a replica), the record's stamps (kAttrStampMtime, kAttrStampDirs) are applied.
+  int apply(const Record& rec, const Targets& given = {}, Stamps* stamps_out = nullptr);
 
   // Applies a record that may already be reflected in the directory: during a full copy taken
   // while the master kept writing, and after a restart that re-receives records applied before
@@ -69,6 +81,10 @@ class Store {
   // the file system cannot (the caller then writes through the page cache).
   static int write_direct(int fd, const Record& rec);
   static bool stamps_mtime(Op op);
+  static bool changes_directories(Op op);
+  void report_stamps(const Record& rec, const Targets& t, Stamps& out);
+  int apply_stamps(const Record& rec, const Targets& t);
+  int skip_replayed(const Record& rec);
   // fid may have lost its last name: the tables holding descriptors of it let go in time.
   void maybe_orphaned(FileId fid);
   FileId entry_fid(FileId dir, const std::string& name);

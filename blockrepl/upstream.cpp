@@ -254,7 +254,8 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
     Lsn start_lsn;
     const Lsn their_lsn = hello.getDurableLsn();
     const auto their_lineage = get_lineage(hello.getLineage());
-    if (!empty && on_our_history(me.lineage, their_lineage, their_lsn) &&
+    // A slave that asks to resync cannot go on from its LSN (its disk filled part way).
+    if (!empty && !(hello.getResync() && hashes) && on_our_history(me.lineage, their_lineage, their_lsn) &&
         (reader = journal_.attach(their_lsn, conn.peer()))) {
       method = wire::AttachMethod::STREAM;
       start_lsn = their_lsn;
@@ -283,6 +284,8 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       done.setLsn(node_.last_lsn());
       done.setFiles(st.files);
       done.setBytes(st.bytes);
+      done.setRootMtimeSec(st.root_mtime.tv_sec);
+      done.setRootMtimeNsec(st.root_mtime.tv_nsec);
       conn.send(mb);
       journal_.set_attaching(reader, false);
       LOG_INFO("slave %s: full copy sent (%" PRIu64 " files, %" PRIu64 " bytes)", conn.peer().c_str(), st.files, st.bytes);

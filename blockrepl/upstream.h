@@ -23,7 +23,7 @@ enum class AckLevel { async = 0, recv = 1, sync = 2 };
 const char* ack_level_name(AckLevel level);
 bool parse_ack_level(const std::string& s, AckLevel* out);
 
-inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kProtocolVersion = wire::PROTOCOL_VERSION;  // defined in the schema
 inline constexpr const char kHashAlgorithm[] = "xxh3-128";
 inline constexpr auto kHeartbeatInterval = std::chrono::milliseconds(1000);
 

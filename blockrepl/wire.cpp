@@ -257,6 +257,12 @@ void to_wire(const Record& rec, wire::Record::Builder out) {
   out.setAtimeNsec(rec.atime.tv_nsec);
   out.setMtimeSec(rec.mtime.tv_sec);
   out.setMtimeNsec(rec.mtime.tv_nsec);
+  if (rec.attr_valid & kAttrStampDirs) {
+    out.setDirMtimeSec(rec.dir_mtime.tv_sec);
+    out.setDirMtimeNsec(rec.dir_mtime.tv_nsec);
+    out.setDir2MtimeSec(rec.dir2_mtime.tv_sec);
+    out.setDir2MtimeNsec(rec.dir2_mtime.tv_nsec);
+  }
   if (rec.data.empty()) return;
   auto bytes = kj::arrayPtr(reinterpret_cast<const kj::byte*>(rec.data.data()), rec.data.size());
   // Large, aligned payloads are referenced rather than copied into the message (the caller keeps
@@ -294,6 +300,11 @@ Record from_wire(wire::Record::Reader in, bool view_data) {
   rec.rdev = in.getRdev();
   rec.atime = {static_cast<time_t>(in.getAtimeSec()), static_cast<long>(in.getAtimeNsec())};
   rec.mtime = {static_cast<time_t>(in.getMtimeSec()), static_cast<long>(in.getMtimeNsec())};
+  rec.dir_mtime = {static_cast<time_t>(in.getDirMtimeSec()), static_cast<long>(in.getDirMtimeNsec())};
+  rec.dir2_mtime = {static_cast<time_t>(in.getDir2MtimeSec()), static_cast<long>(in.getDir2MtimeNsec())};
+  for (const timespec* ts : {&rec.atime, &rec.mtime, &rec.dir_mtime, &rec.dir2_mtime})
+    if (ts->tv_nsec < 0 || ts->tv_nsec >= 1000000000L)
+      throw Error("record with an impossible time at lsn " + std::to_string(rec.lsn), EPROTO);
   auto data = in.getData();
   if (view_data) {
     rec.data = std::string_view(reinterpret_cast<const char*>(data.begin()), data.size());

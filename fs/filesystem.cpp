@@ -10,6 +10,7 @@
 #include <mutex>
 #include <thread>
 #include <cerrno>
+#include <cinttypes>
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
@@ -41,20 +42,26 @@ struct Filesystem::Impl : public CacheInvalidator {
   explicit Impl(Node& n, MountConfig& c) : node(n), cfg(c), read_only(c.read_only) {}
   ~Impl() { stop_deferred(); }
 
-  // Attribute invalidations the daemon owes the kernel for changes it made on its own (set-id
-  // bits dropped on write). Sent from a separate thread: never from inside an operation.
+  // Invalidations the daemon owes the kernel for changes it made on its own (set-id bits dropped
+  // on write; pages of a failed writeback). Sent from a separate thread: never from inside an
+  // operation on the same inode (that deadlocks).
+  struct Inval {
+    fuse_ino_t ino;
+    off_t off, len;  // off < 0: attributes only
+  };
   std::mutex deferred_mu;
   std::condition_variable deferred_cv;
-  std::vector<fuse_ino_t> deferred;
+  std::vector<Inval> deferred;
   bool deferred_stop = false;
   std::thread deferred_thread;
 
-  void defer_attr_invalidation(fuse_ino_t ino) {
+  void defer_invalidation(fuse_ino_t ino, off_t off, off_t len) {
     std::lock_guard lk(deferred_mu);
     if (!deferred_thread.joinable()) deferred_thread = std::thread([this] { run_deferred(); });
-    deferred.push_back(ino);
+    deferred.push_back({ino, off, len});
     deferred_cv.notify_one();
   }
+  void defer_attr_invalidation(fuse_ino_t ino) { defer_invalidation(ino, -1, 0); }
   void run_deferred() {
     std::unique_lock lk(deferred_mu);
     for (;;) {
@@ -63,8 +70,8 @@ struct Filesystem::Impl : public CacheInvalidator {
       auto batch = std::move(deferred);
       deferred.clear();
       lk.unlock();
-      for (fuse_ino_t ino : batch)
-        if (fuse_session* s = se.load()) fuse_lowlevel_notify_inval_inode(s, ino, -1, 0);
+      for (const Inval& i : batch)
+        if (fuse_session* s = se.load()) fuse_lowlevel_notify_inval_inode(s, i.ino, i.off, i.len);
       lk.lock();
     }
   }
@@ -586,6 +593,28 @@ int drop_privileges_on_write(Impl& fs, Inode& inode, fuse_ino_t ino) {
   return 0;
 }
 
+// The kernel's writeback cache already answered write() for these pages: the error reaches the
+// application at fsync() or close(), but the kernel keeps the pages (clean, with data the disk
+// does not hold) and keeps the file size the writes gave it (it trusts its own size while
+// writeback caching). So the backing file is extended to the end of the failed range (a
+// replicated truncate: holes cost no space), and the failed range is dropped from the cache:
+// afterwards the mount, the backing file and the replicas agree, the range reading as zeros.
+void after_failed_writeback(Impl& fs, Inode& inode, fuse_ino_t ino, const Record& failed, int fd) {
+  const uint64_t end = failed.offset + failed.data.size();
+  struct stat st;
+  if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) < end) {
+    Record grow;
+    grow.op = Op::truncate;
+    grow.fid = inode.fid;
+    grow.offset = end;
+    Targets t;
+    t.fd = fd;
+    if (int err = fs.node.submit(grow, t))
+      LOG_WARN("%s: cannot extend to %" PRIu64 " bytes after a failed write: %s", fd_path(fd).c_str(), end, strerror(err));
+  }
+  fs.defer_invalidation(ino, static_cast<off_t>(failed.offset), static_cast<off_t>(failed.data.size()));
+}
+
 void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off, fuse_file_info* fi) {
   if (refuse_if_read_only(req)) return;
   Impl& fs = impl_of(req);
@@ -601,6 +630,7 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off
   {
     std::lock_guard lk(inode_of(req, ino).write_mu);
     err = fs.node.submit(rec, t);
+    if (err && fi->writepage) after_failed_writeback(fs, inode_of(req, ino), ino, rec, t.fd);
   }
   if (err) return (void)fuse_reply_err(req, err);
   fuse_reply_write(req, size);

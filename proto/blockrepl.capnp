@@ -1,7 +1,8 @@
 @0xc3a1f0e6b2d49a71;
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("blockrepl::wire");
-# blockrepl wire protocol, version 2 (2 added the `release` record).
+# blockrepl wire protocol, version 3: 2 added the `release` record; 3 added directory time stamps
+# on namespace records, the listed directory's mtime in dirListing, and hello.resync.
 #
 # Transport: TCP. Each message is one frame: a 4-byte little-endian length N followed by N bytes
 # holding one Cap'n Proto message (flat array, unpacked) whose root is `Message`. A receiver
@@ -39,7 +40,9 @@ $Cxx.namespace("blockrepl::wire");
 # Acknowledgements carry both LSNs so the master can answer `recv` and `sync` barriers and report
 # STORED (durable on the master) versus PROPAGATED (durable on the slave) separately.
 
-const protocolVersion :UInt32 = 1;
+# The one protocol version constant (blockrepl/upstream.h takes it from here): nodes of different
+# versions refuse each other with a clear message.
+const protocolVersion :UInt32 = 3;
 
 enum AckLevel {
   async @0;   # barriers never wait for this slave
@@ -72,6 +75,8 @@ struct Hello {
   purpose @10 :Purpose;      # attach (and stream), or only compare trees (verify)
   deep @11 :Bool;            # verify: rehash the data on both sides first
   discardMyData @12 :Bool;   # a diverged node agrees to be rewritten to the master's state
+  resync @13 :Bool;          # the slave cannot go on from its LSN (its disk filled while applying
+                             # a record): take the Merkle diff, which frees space before it needs more
 }
 
 enum Purpose {
@@ -115,6 +120,12 @@ struct Record {
   mtimeSec @17 :Int64;
   mtimeNsec @18 :Int64;
   data @19 :Data;
+  # With attrValid's kAttrStampDirs (namespace records): the mtimes the change left on the parent
+  # directory (dirMtime) and on the rename target's directory (dir2Mtime) on the master.
+  dirMtimeSec @20 :Int64;
+  dirMtimeNsec @21 :Int64;
+  dir2MtimeSec @22 :Int64;
+  dir2MtimeNsec @23 :Int64;
 }
 
 struct Batch {
@@ -161,10 +172,12 @@ struct CopyDone {
   lsn @0 :UInt64;         # the copy reflects at least every record up to here
   files @1 :UInt64;
   bytes @2 :UInt64;
+  rootMtimeSec @3 :Int64;  # the volume root's mtime (no entry carries it)
+  rootMtimeNsec @4 :Int64;
 }
 
-# One directory entry with what the Merkle diff compares. Times of directories are not compared
-# (their contents change them on every node at slightly different moments).
+# One directory entry with what the Merkle diff compares (directories' sizes are not compared:
+# they depend on each file system's history; their mtimes are, as replicas copy them).
 struct NsEntry {
   name @0 :Data;
   fid @1 :UInt64;
@@ -191,6 +204,8 @@ struct DirListing {
   fid @1 :UInt64;
   exists @2 :Bool;        # false: the master has no directory there (any more)
   entries @3 :List(NsEntry);
+  mtimeSec @4 :Int64;     # the listed directory's own mtime (the root's is compared from here)
+  mtimeNsec @5 :Int64;
 }
 
 struct HashQueryItem {

@@ -908,4 +908,98 @@ TEST(ReattachHashes, UncleanStopRehashesOnlyDirtyExtents) {
   EXPECT_TRUE(got == expect) << "the file's contents differ from what was fsynced before the SIGKILL";
 }
 
+// =============================================================================================
+// 6. Directories carry the master's mtimes exactly, through streaming, a Merkle re-attach and a
+// full copy, and verify compares them.
+
+namespace {
+
+// Changes that touch directories' times in every way a namespace change can, spread out in
+// time so that a replica applying them at its own pace would get other times.
+void touch_directories(const Node& m, const std::string& tag) {
+  auto f = [&](const std::string& rel) { return m.file(tag + "/" + rel); };
+  ASSERT_EQ(mkdir(m.file(tag).c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(f("d").c_str(), 0755), 0);
+  ASSERT_EQ(put_file(f("s"), "source"), 0);
+  std::this_thread::sleep_for(1100ms);  // the next changes fall into another second
+  ASSERT_EQ(link(f("s").c_str(), f("d/h").c_str()), 0);
+  // Several writers creating files in one directory at once.
+  ASSERT_EQ(mkdir(f("many").c_str(), 0755), 0);
+  std::vector<std::thread> writers;
+  for (int w = 0; w < 4; w++)
+    writers.emplace_back([&, w] {
+      for (int i = 0; i < 25; i++) put_file(f("many/w" + std::to_string(w) + "-" + std::to_string(i)), "x");
+    });
+  for (auto& t : writers) t.join();
+  // mkdir -p, then changes deep down and across directories.
+  ASSERT_EQ(mkdir(f("p").c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(f("p/q").c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(f("p/q/r").c_str(), 0755), 0);
+  ASSERT_EQ(symlink("target", f("p/q/r/link").c_str()), 0);
+  ASSERT_EQ(put_file(f("p/q/moving"), "m"), 0);
+  std::this_thread::sleep_for(600ms);
+  ASSERT_EQ(rename(f("p/q/moving").c_str(), f("d/moved").c_str()), 0);
+  ASSERT_EQ(unlink(f("many/w0-0").c_str()), 0);
+  ASSERT_EQ(mkdir(f("gone").c_str(), 0755), 0);
+  ASSERT_EQ(rmdir(f("gone").c_str()), 0);
+  // Times set explicitly, and to "now", on a directory.
+  const timespec old[2] = {{1000000000, 5}, {1000000000, 123456789}};
+  ASSERT_EQ(utimensat(AT_FDCWD, f("p/q").c_str(), old, 0), 0);
+  ASSERT_EQ(utimensat(AT_FDCWD, f("p/q/r").c_str(), nullptr, 0), 0);
+}
+
+}  // namespace
+
+TEST(ReattachTimes, DirectoriesCarryTheMastersMtimesAndVerifyComparesThem) {
+  Cluster c("reattach-dirtimes");
+  Node& m = c.add_master({"--journal-size", "0"});
+  ASSERT_TRUE(m.ok());
+  Node& s = c.add_slave(m);
+  ASSERT_TRUE(s.ok());
+
+  // Streaming.
+  touch_directories(m, "a");
+  if (HasFatalFailure()) return;
+  REATTACH_SYNCED(m, s.mnt);
+  REATTACH_SAME_TREE(m, s, true);
+  CommandResult v = verify(s, false);
+  EXPECT_EQ(v.exit_code, 0) << describe(v);
+  // What verify compared is the whole tree: every file and directory, not one listing.
+  std::smatch counts;
+  ASSERT_TRUE(std::regex_search(v.out, counts, std::regex(R"(\((\d+) files and (\d+) directories compared)")))
+      << describe(v);
+  EXPECT_GE(std::stoull(counts[1].str()), 100u) << describe(v);
+  EXPECT_GE(std::stoull(counts[2].str()), 7u) << describe(v);
+
+  // A Merkle re-attach (no journal) after the same kind of changes while the slave was away.
+  c.unmount(s);
+  touch_directories(m, "b");
+  if (HasFatalFailure()) return;
+  std::this_thread::sleep_for(1100ms);
+  ASSERT_EQ(put_file(m.file("a/d/new-while-away"), "n"), 0);
+  ASSERT_TRUE(c.mount(s));
+  REATTACH_SYNCED(m, s.mnt);
+  EXPECT_EQ(method_of(last_attach(s)), "merkle");
+  REATTACH_SAME_TREE(m, s, true);
+  v = verify(s, false);
+  EXPECT_EQ(v.exit_code, 0) << describe(v);
+
+  // A full copy to a new, empty slave.
+  Node& s2 = c.add_slave(m);
+  ASSERT_TRUE(s2.ok());
+  REATTACH_SYNCED(m, s2.mnt);
+  EXPECT_EQ(method_of(last_attach(s2)), "full");
+  REATTACH_SAME_TREE(m, s2, true);
+
+  // verify notices a directory time changed behind the replica's back, the root's included.
+  const timespec odd[2] = {{0, UTIME_OMIT}, {1234567890, 0}};
+  ASSERT_EQ(utimensat(AT_FDCWD, s.backing("a/p").c_str(), odd, AT_SYMLINK_NOFOLLOW), 0);
+  v = verify(s, false);
+  EXPECT_EQ(v.exit_code, 3) << "verify did not notice a directory's mtime differing: " << describe(v);
+  EXPECT_NE(v.out.find("a/p"), std::string::npos) << describe(v);
+  ASSERT_EQ(utimensat(AT_FDCWD, s2.backing("").c_str(), odd, AT_SYMLINK_NOFOLLOW), 0);
+  v = verify(s2, false);
+  EXPECT_EQ(v.exit_code, 3) << "verify did not notice the root's mtime differing: " << describe(v);
+}
+
 }  // namespace blockrepl::test

@@ -592,6 +592,7 @@ TEST(ReplicationUtil, CompareTreesReportsEveryKindOfDifference) {
   make(b);
   repl::CompareOptions o;
   o.require_fid = false;
+  o.dir_mtimes = false;  // trees made by hand: their directories' times differ (checked below)
   ASSERT_EQ(repl::diff_report(a, b, o), "");
   auto expect_found = [&](const std::string& what, const std::string& needle) {
     std::string r = repl::diff_report(a, b, o);
@@ -644,6 +645,15 @@ TEST(ReplicationUtil, CompareTreesReportsEveryKindOfDifference) {
   o.file_mtimes = true;
   expect_found("mtime", "g: mtime 1600000000.5 (a) vs 1600000000.6 (b)");
   o.file_mtimes = false;
+  ts[1] = {1600000000, 7};
+  for (const std::string& root : {a, b})
+    for (const char* dir : {"/d", "/"}) utimensat(AT_FDCWD, (root + dir).c_str(), ts, 0);
+  o.dir_mtimes = true;
+  EXPECT_EQ(repl::diff_report(a, b, o), "") << "equal directory times reported as different";
+  ts[1].tv_nsec = 8;
+  utimensat(AT_FDCWD, (b + "/d").c_str(), ts, 0);
+  expect_found("directory mtime", "d: directory mtime 1600000000.7 (a) vs 1600000000.8 (b)");
+  o.dir_mtimes = false;
   EXPECT_EQ(repl::diff_report(a, b, o), "") << "the trees should be equal again";
 }
 
@@ -1730,6 +1740,137 @@ TEST(ReplicationFullDisk, MasterOutOfSpaceFailsTheWriteWithEnospcAndTheSlaveStay
   EXPECT_SYNCED(m, s.mnt);
   EXPECT_EQ(read_file(m.file("kept")), kept);
   EXPECT_EQ(read_file(s.file("kept")), kept);
+  EXPECT_SAME_TREE(m, s);
+}
+
+// A small ext4 on a loop device as a node's data directory, for the length of a test: a real
+// file system that fills up the way a user's does (unlike tmpfs, it keeps delayed allocation
+// and its own reserve). Declared after the Cluster: it unmounts the node first.
+class NodeOnSmallExt4 {
+ public:
+  NodeOnSmallExt4(Cluster& c, Node& n, const std::string& size) : c_(c), n_(n), disk_(n.data, size) {}
+  ~NodeOnSmallExt4() {
+    c_.unmount(n_);
+    if (is_mounted(n_.mnt)) c_.detach(n_);
+  }
+  bool ok() const { return disk_.ok(); }
+  const std::string& error() const { return disk_.error(); }
+
+ private:
+  Cluster& c_;
+  Node& n_;
+  SmallExt4 disk_;
+};
+
+off_t file_size(const std::string& path) {
+  struct stat st;
+  return stat(path.c_str(), &st) == 0 ? st.st_size : -1;
+}
+
+TEST(ReplicationFullDisk, SlaveWhoseDiskFilledCatchesUpByItselfOnceTheMastersStateFits) {
+  Cluster c("repl-fulls-ext4");
+  Node& m = c.add_master({"--ack", "sync", "--ack-timeout", "2s"});
+  ASSERT_TRUE(m.ok());
+  Node& s = c.define_slave(m);
+  NodeOnSmallExt4 disk(c, s, "96M");
+  ASSERT_TRUE(disk.ok()) << "cannot make a small ext4 for the slave: " << disk.error();
+  ASSERT_TRUE(c.mount(s));
+  const std::string kept = repl::random_bytes(91, 300000);
+  ASSERT_EQ(write_and_fsync(m.file("kept"), kept), 0);
+  EXPECT_SYNCED(m, s.mnt);
+  const pid_t pid = s.pid();
+
+  // 150 MiB with an fsync per MiB do not fit on the slave's 96 MiB; the master's application
+  // does not notice.
+  int fd = open(m.file("big").c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  for (int i = 0; i < 150; i++) {
+    repl::pwrite_all(fd, repl::random_bytes(600 + i, 1 << 20), static_cast<off_t>(i) << 20);
+    ASSERT_EQ(fsync(fd), 0) << "fsync " << i << " on the master: " << err_text(errno);
+  }
+  ASSERT_EQ(close(fd), 0);
+  json st;
+  bool reported = repl::wait_until(
+      [&] {
+        st = repl::status(s.mnt);
+        return st.is_object() && st["upstream"].is_object() &&
+               st["upstream"].value("last_error", "").find("No space left on device") != std::string::npos &&
+               !st["upstream"].value("waiting_for", "").empty();
+      },
+      60s, 200ms);
+  EXPECT_TRUE(reported) << "the slave's status does not say that its disk is full and what it waits for: " << st.dump();
+  printf("[ info ] slave waiting: %s\n", st["upstream"].dump().c_str());
+  EXPECT_EQ(read_file(s.file("kept")), kept) << "the slave stopped serving what it held";
+
+  // The master deletes the file: its state fits again, and the slave catches up by itself,
+  // although the records that free the space come after the one it could not apply.
+  ASSERT_EQ(unlink(m.file("big").c_str()), 0);
+  ASSERT_EQ(write_and_fsync(m.file("after"), repl::random_bytes(92, 50000)), 0);
+  std::string why = repl::sync_and_wait(m.mnt, {s.mnt}, 90s);
+  EXPECT_EQ(why, "") << "the slave did not catch up once the master's state fit on its disk";
+  EXPECT_EQ(s.pid(), pid) << "the slave daemon was restarted";
+  st = repl::status(s.mnt);
+  EXPECT_EQ(st["upstream"].value("state", ""), "streaming") << st.dump();
+  EXPECT_FALSE(st["upstream"].contains("waiting_for")) << st.dump();
+  printf("[ info ] caught up by %s\n", last_attach_method(s).c_str());
+  EXPECT_SAME_TREE(m, s);
+  CommandResult v = run_blockrepl({"verify", s.mnt}, 120);
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  // And it keeps following.
+  ASSERT_EQ(write_and_fsync(m.file("later"), repl::random_bytes(93, 4 << 20)), 0);
+  EXPECT_SYNCED(m, s.mnt);
+  EXPECT_SAME_TREE(m, s);
+}
+
+TEST(ReplicationFullDisk, MasterOnAFullExt4AgreesWithItsDiskAndItsSlaveAfterTheError) {
+  Cluster c("repl-fullm-ext4");
+  Node& m = c.define_master({"--ack", "sync"});
+  NodeOnSmallExt4 disk(c, m, "64M");
+  ASSERT_TRUE(disk.ok()) << "cannot make a small ext4 for the master: " << disk.error();
+  ASSERT_TRUE(c.mount(m));
+  Node& s = c.add_slave(m);
+  ASSERT_TRUE(s.ok());
+
+  // dd if=/dev/urandom of=MNT/big bs=1M count=100 conv=fsync
+  int fd = open(m.file("big").c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  int write_err = 0;
+  for (int i = 0; i < 100 && !write_err; i++) {
+    const std::string chunk = repl::random_bytes(700 + i, 1 << 20);
+    if (pwrite(fd, chunk.data(), chunk.size(), static_cast<off_t>(i) << 20) < 0) write_err = errno;
+  }
+  const int fsync_err = fsync(fd) == 0 ? 0 : errno;
+  const int close_err = close(fd) == 0 ? 0 : errno;
+  printf("[ info ] write: %s, fsync: %s, close: %s\n", write_err ? err_text(write_err).c_str() : "ok",
+         fsync_err ? err_text(fsync_err).c_str() : "ok", close_err ? err_text(close_err).c_str() : "ok");
+  EXPECT_TRUE(write_err == ENOSPC || fsync_err == ENOSPC)
+      << "the application was not told that its data did not fit: write " << err_text(write_err) << ", fsync "
+      << err_text(fsync_err);
+
+  // Afterwards the mount shows what the disk holds: the same size and the same bytes.
+  std::string through_mount, on_disk;
+  bool agree = repl::wait_until(
+      [&] {
+        if (file_size(m.file("big")) != file_size(m.backing("big"))) return false;
+        through_mount = read_file(m.file("big"));
+        on_disk = read_file(m.backing("big"));
+        return through_mount == on_disk;
+      },
+      10s, 200ms);
+  EXPECT_TRUE(agree) << "the mount says " << file_size(m.file("big")) << " bytes, the backing file " << file_size(m.backing("big"))
+                     << (through_mount == on_disk ? "" : "; their contents differ");
+  // ... and so does the slave.
+  EXPECT_SYNCED(m, s.mnt);
+  EXPECT_EQ(file_size(s.file("big")), file_size(m.backing("big")));
+  EXPECT_TRUE(read_file(s.file("big")) == on_disk) << "the slave's copy differs from the master's disk";
+  EXPECT_SAME_TREE(m, s);
+  // Room again: the volume goes on working.
+  ASSERT_EQ(unlink(m.file("big").c_str()), 0);
+  int after_err = -1;
+  repl::wait_until([&] { return (after_err = write_and_fsync(m.file("after"), repl::random_bytes(94, 100000))) == 0; },
+                   10s, 100ms);
+  ASSERT_EQ(after_err, 0) << err_text(after_err);
+  EXPECT_SYNCED(m, s.mnt);
   EXPECT_SAME_TREE(m, s);
 }
 

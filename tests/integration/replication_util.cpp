@@ -528,6 +528,9 @@ std::vector<std::string> compare_trees(const std::string& a, const std::string& 
         (ea.mtime.tv_sec != eb.mtime.tv_sec || ea.mtime.tv_nsec != eb.mtime.tv_nsec))
       report(p, "mtime " + versus(std::to_string(ea.mtime.tv_sec) + "." + std::to_string(ea.mtime.tv_nsec),
                                   std::to_string(eb.mtime.tv_sec) + "." + std::to_string(eb.mtime.tv_nsec)));
+    if (o.dir_mtimes && ea.type == "dir" && (ea.mtime.tv_sec != eb.mtime.tv_sec || ea.mtime.tv_nsec != eb.mtime.tv_nsec))
+      report(p, "directory mtime " + versus(std::to_string(ea.mtime.tv_sec) + "." + std::to_string(ea.mtime.tv_nsec),
+                                            std::to_string(eb.mtime.tv_sec) + "." + std::to_string(eb.mtime.tv_nsec)));
     if (ea.xattrs != eb.xattrs) {
       for (auto& [k, v] : ea.xattrs) {
         auto x = eb.xattrs.find(k);

@@ -146,6 +146,7 @@ struct CompareOptions {
   bool fid = true;          // compare trusted.blockrepl.fid (backing directories only)
   bool require_fid = true;  // and require it on regular files
   bool file_mtimes = false; // compare regular files' mtimes (only after a sync point)
+  bool dir_mtimes = true;   // compare directories' mtimes (replicas copy the master's)
   bool contents = true;
   bool ownership = true;
   size_t max_reports = 40;

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -608,6 +609,86 @@ TEST_F(NodeTest, UpdateIdentityIsDurableAndSurvivesReopen) {
   EXPECT_EQ(id.role, "master");
   ASSERT_EQ(id.lineage.size(), 1u);
   EXPECT_EQ(id.lineage[0].first_lsn, 1u);
+}
+
+}  // namespace
+}  // namespace blockrepl
+
+namespace blockrepl {
+namespace {
+
+// Keeps whole records, as a journal does, to replay them on a replica.
+struct KeepingSink : RecordSink {
+  std::vector<Record> records;
+  void on_record(const Record& rec) override {
+    records.push_back(rec);
+    records.back().own_data();
+  }
+};
+
+timespec mtime_at(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(lstat(path.c_str(), &st), 0) << path;
+  return st.st_mtim;
+}
+
+bool same_time(timespec a, timespec b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; }
+
+TEST_F(NodeTest, ReplicaGetsTheMastersDirectoryAndFileTimesFromTheRecords) {
+  const std::string replica_dir = tmp_.path + "/replica";
+  ASSERT_EQ(mkdir(replica_dir.c_str(), 0755), 0);
+  Node master(data_);
+  master.store().set_track_files(true);
+  KeepingSink sink;
+  master.add_sink(&sink);
+  auto pause = [] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); };
+  auto submit = [&](Record r) { ASSERT_EQ(master.submit(r), 0) << r.describe(); pause(); };
+  Record r = mkdir_rec("a", 0xa1);
+  submit(r);
+  submit(mkdir_rec("b", 0xb1));
+  r = create_rec("f", 0xf1);
+  r.parent = 0xa1;
+  submit(r);
+  r = Record{};
+  r.op = Op::link;
+  r.fid = 0xf1;
+  r.parent = 0xb1;
+  r.name = "h";
+  submit(r);
+  r = Record{};
+  r.op = Op::rename;
+  r.parent = 0xa1;
+  r.name = "f";
+  r.parent2 = kRootFileId;
+  r.name2 = "moved";
+  submit(r);
+  r = Record{};
+  r.op = Op::unlink;
+  r.parent = 0xb1;
+  r.name = "h";
+  r.fid = 0xf1;
+  submit(r);
+  r = Record{};
+  r.op = Op::setattr;  // touch a directory: "now" on the master, the same instant on replicas
+  r.fid = 0xa1;
+  r.attr_valid = kAttrAtimeNow | kAttrMtimeNow;
+  submit(r);
+  ASSERT_EQ(sink.records.size(), 7u);
+  for (size_t i = 1; i < 6; i++) EXPECT_TRUE(sink.records[i].attr_valid & kAttrStampDirs) << sink.records[i].describe();
+  EXPECT_FALSE(sink.records[6].attr_valid & (kAttrAtimeNow | kAttrMtimeNow)) << "a replica would use its own clock";
+
+  Node replica(replica_dir);
+  replica.store().set_track_files(true);
+  for (const Record& rec : sink.records) {
+    pause();  // a replica applies later than the master did
+    ASSERT_EQ(replica.apply_received(rec, false), 0) << rec.describe();
+  }
+  for (const char* rel : {"", "a", "b", "moved"})
+    EXPECT_TRUE(same_time(mtime_at(p(rel)), mtime_at(replica_dir + "/" + rel))) << "mtime of '" << rel << "'";
+  struct stat ma {}, ra {};
+  ASSERT_EQ(stat(p("a").c_str(), &ma), 0);
+  ASSERT_EQ(stat((replica_dir + "/a").c_str(), &ra), 0);
+  EXPECT_TRUE(same_time(ma.st_atim, ra.st_atim)) << "atime set to 'now' on the master";
 }
 
 }  // namespace

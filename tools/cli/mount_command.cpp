@@ -174,6 +174,7 @@ nlohmann::json status_json(Daemon& d) {
     j["lsn"] = fs.durable_lsn;
     json up = {{"address", fs.address}, {"state", fs.state}, {"received_lsn", fs.received_lsn}, {"durable_lsn", fs.durable_lsn}};
     if (!fs.last_error.empty() && fs.state == "disconnected") up["last_error"] = fs.last_error;
+    if (!fs.waiting_for.empty()) up["waiting_for"] = fs.waiting_for;
     if (fs.state == "attaching")
       up["attach_progress"] = {{"bytes_received", fs.current_attach.bytes_received},
                                {"files_received", fs.current_attach.files_received},
@@ -240,7 +241,8 @@ nlohmann::json verify_json(Daemon& d, bool deep) {
     json diffs = json::array();
     for (auto& s : rep.differences) diffs.push_back(s);
     return json{{"identical", rep.differences.empty()}, {"differences", diffs}, {"dirs_listed", rep.dirs_listed},
-                {"files_compared", rep.files_compared}, {"round_trips", rep.round_trips}};
+                {"files_compared", rep.files_compared}, {"round_trips", rep.round_trips},
+                {"dirs_covered", rep.dirs_covered}, {"entries_covered", rep.entries_covered}};
   } catch (const std::exception& e) {
     return json{{"error", e.what()}};
   }
@@ -559,9 +561,12 @@ int run_verify(const std::string& mountpoint, bool deep) {
   if (!answer) return 1;
   nlohmann::json& j = *answer;
   if (j["identical"].get<bool>()) {
-    printf("identical to the master (%llu directories, %llu files compared)\n",
-           static_cast<unsigned long long>(j["dirs_listed"].get<uint64_t>()),
-           static_cast<unsigned long long>(j["files_compared"].get<uint64_t>()));
+    // Equal hashes vouch for everything below them: report the whole tree they cover.
+    const uint64_t dirs = j.value("dirs_covered", uint64_t{0});
+    const uint64_t entries = j.value("entries_covered", uint64_t{0});
+    printf("identical to the master (%llu files and %llu directories compared by hash, in %u round trips)\n",
+           static_cast<unsigned long long>(entries - std::min(entries, dirs > 0 ? dirs - 1 : 0)),
+           static_cast<unsigned long long>(dirs), j.value("round_trips", 0u));
     return 0;
   }
   printf("differs from the master:\n");
