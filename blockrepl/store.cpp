@@ -76,10 +76,21 @@ int Store::apply_created(const Record& rec, int parent_fd) {
   return 0;
 }
 
-bool Store::stamps_mtime(Op op) {
-  switch (op) {
+int Store::apply_whiteout(const Record& rec, int parent_fd) {
+  if (rec.whiteout_fid == kInvalidFileId) return 0;  // from a peer that did not name it
+  const char* name = rec.name.c_str();
+  if (fchownat(parent_fd, name, rec.uid, rec.gid, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  if (int err = write_file_id(parent_fd, name, rec.whiteout_fid)) return err;
+  if (track_files_) return files_.add(rec.whiteout_fid, parent_fd, name);
+  return 0;
+}
+
+bool Store::stamps_mtime(const Record& rec) {
+  switch (rec.op) {
     case Op::write: case Op::truncate: case Op::fallocate: case Op::create: case Op::mkdir: case Op::symlink:
       return true;
+    case Op::rename:
+      return (rec.flags & RENAME_WHITEOUT) != 0;  // the whiteout is a created entry
     default:
       return false;
   }
@@ -100,8 +111,8 @@ int Store::apply(const Record& rec, const Targets& given, timespec* mtime_out) {
   } else if (int err = apply_resolved(rec, t)) {
     return err;
   }
-  if (!stamps_mtime(rec.op)) return 0;
-  const bool created = !data_op;
+  if (!stamps_mtime(rec)) return 0;
+  const bool created = !data_op;  // the entry at parent/name (for a rename: its whiteout)
   if (mtime_out) {
     struct stat st;
     int rc = created ? fstatat(t.parent_fd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) : fstat(t.fd, &st);
@@ -198,6 +209,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
                                                              : read_file_id(t.parent2_fd, rec.name2.c_str()).value_or(kInvalidFileId);
       if (renameat2(t.parent_fd, rec.name.c_str(), t.parent2_fd, rec.name2.c_str(), rec.flags) != 0) return errno;
       maybe_orphaned(replaced);
+      if (rec.flags & RENAME_WHITEOUT) return apply_whiteout(rec, t.parent_fd);
       return 0;
     }
     case Op::setxattr:
@@ -314,9 +326,22 @@ int Store::apply_replayed(const Record& rec) {
       if (files_.path_fd(rec.fid) < 0) return 0;
       break;
     }
+    case Op::rename:
+      if ((rec.flags & RENAME_WHITEOUT) && rec.fid != kInvalidFileId && entry_fid(rec.parent2, rec.name2) == rec.fid) {
+        // Renamed already; the whiteout may have been left untagged when the daemon died.
+        int pfd = files_.path_fd(rec.parent);
+        struct stat st;
+        if (pfd >= 0 && valid_name(rec.name) && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
+            fstatat(pfd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == 0) {
+          if (int err = apply_whiteout(rec, pfd)) return err;
+          const timespec ts[2] = {{0, UTIME_OMIT}, rec.mtime};
+          if ((rec.attr_valid & kAttrStampMtime) && utimensat(pfd, rec.name.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+        }
+        return 0;
+      }
+      [[fallthrough]];
     case Op::unlink:
     case Op::rmdir:
-    case Op::rename:
       if (skip_unless(rec.fid != kInvalidFileId && entry_fid(rec.parent, rec.name) == rec.fid)) return 0;
       break;
     default:

@@ -257,6 +257,7 @@ void to_wire(const Record& rec, wire::Record::Builder out) {
   out.setAtimeNsec(rec.atime.tv_nsec);
   out.setMtimeSec(rec.mtime.tv_sec);
   out.setMtimeNsec(rec.mtime.tv_nsec);
+  out.setWhiteoutFid(rec.whiteout_fid);
   if (rec.data.empty()) return;
   auto bytes = kj::arrayPtr(reinterpret_cast<const kj::byte*>(rec.data.data()), rec.data.size());
   // Large, aligned payloads are referenced rather than copied into the message (the caller keeps
@@ -294,6 +295,7 @@ Record from_wire(wire::Record::Reader in, bool view_data) {
   rec.rdev = in.getRdev();
   rec.atime = {static_cast<time_t>(in.getAtimeSec()), static_cast<long>(in.getAtimeNsec())};
   rec.mtime = {static_cast<time_t>(in.getMtimeSec()), static_cast<long>(in.getMtimeNsec())};
+  rec.whiteout_fid = in.getWhiteoutFid();
   auto data = in.getData();
   if (view_data) {
     rec.data = std::string_view(reinterpret_cast<const char*>(data.begin()), data.size());

@@ -537,11 +537,19 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
                unsigned int flags) {
   if (refuse_if_read_only(req)) return;
   if (is_hidden(parent, name) || is_hidden(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
-  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return (void)fuse_reply_err(req, EINVAL);
+  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT)) return (void)fuse_reply_err(req, EINVAL);
   Impl& fs = impl_of(req);
   Inode& dir = inode_of(req, parent);
   Inode& dir2 = inode_of(req, newparent);
   Record rec;
+  if (flags & RENAME_WHITEOUT) {
+    // The whiteout left at the old name is a new entry of the volume: its id and owner (the
+    // caller, as the kernel would make it) travel in the record so every node agrees.
+    rec.whiteout_fid = new_file_id();
+    rec.mode = S_IFCHR;
+    set_new_owner(req, dir, rec);
+    rec.mode = 0;
+  }
   rec.op = Op::rename;
   rec.fid = read_file_id(dir.fd, name).value_or(kInvalidFileId);  // lets a replica check it renames the same file
   rec.parent = dir.fid;

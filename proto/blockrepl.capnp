@@ -115,6 +115,9 @@ struct Record {
   mtimeSec @17 :Int64;
   mtimeNsec @18 :Int64;
   data @19 :Data;
+  # Added after the first release (older peers ignore it): rename with RENAME_WHITEOUT, the file
+  # id of the whiteout it leaves at the source name.
+  whiteoutFid @20 :UInt64;
 }
 
 struct Batch {
