@@ -176,6 +176,10 @@ int HashIndex::before_change(const Record& rec, int fd) {
       const uint64_t old_size = static_cast<uint64_t>(st.st_size);
       if (rec.op == Op::truncate) {
         must_sync = log_->note_truncate(rec.fid, old_size, rec.offset);
+      } else if (rec.flags & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE)) {
+        // Everything from the offset to the end (the longer of the old and new ends) moves.
+        const uint64_t end = (rec.flags & FALLOC_FL_INSERT_RANGE) ? old_size + rec.length : old_size;
+        if (end > rec.offset) must_sync = log_->note_truncate(rec.fid, end, rec.offset);
       } else {
         must_sync = log_->note(rec.fid, rec.offset, rec.length);
         if (!(rec.flags & FALLOC_FL_KEEP_SIZE) && rec.offset + rec.length > old_size)

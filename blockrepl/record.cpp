@@ -48,6 +48,14 @@ std::string Record::describe() const {
       s += buf + name;
       snprintf(buf, sizeof buf, " -> %016" PRIx64 "/", parent2);
       s += buf + name2;
+      if (flags) {
+        snprintf(buf, sizeof buf, " flags %#x", flags);
+        s += buf;
+      }
+      if (whiteout_fid != kInvalidFileId) {
+        snprintf(buf, sizeof buf, " whiteout %016" PRIx64, whiteout_fid);
+        s += buf;
+      }
       break;
     case Op::create: case Op::mkdir: case Op::symlink: case Op::link: case Op::unlink: case Op::rmdir:
       snprintf(buf, sizeof buf, " in %016" PRIx64 " name ", parent);

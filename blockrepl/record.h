@@ -28,7 +28,11 @@ enum class Op : uint8_t {
   link,            // fid (existing), parent, name
   unlink,          // parent, name, fid of the victim
   rmdir,           // parent, name, fid of the victim
-  rename,          // parent, name -> parent2, name2, flags (RENAME_NOREPLACE / RENAME_EXCHANGE)
+  rename,          // fid (the renamed file), parent, name -> parent2, name2, flags (RENAME_NOREPLACE,
+                   // RENAME_EXCHANGE, RENAME_WHITEOUT). With RENAME_WHITEOUT the rename also creates
+                   // the whiteout (a character device 0/0, mode 0) at parent/name, atomically, as
+                   // one record: whiteout_fid is its new file id, uid/gid its owner, and
+                   // kAttrStampMtime/mtime its mtime, as for a created entry.
   setxattr,        // fid, name, data = value, flags
   removexattr,     // fid, name
   fsync,           // fid (kInvalidFileId = whole volume), flags & kDataSync for fdatasync
@@ -75,6 +79,7 @@ struct Record {
   uint64_t rdev = 0;
   timespec atime{0, 0}, mtime{0, 0};
   timespec dir_mtime{0, 0}, dir2_mtime{0, 0};  // kAttrStampDirs
+  FileId whiteout_fid = kInvalidFileId;  // rename with RENAME_WHITEOUT: the whiteout's new id
   // Payload: write data, symlink target or xattr value. A view so the master's write path
   // does not copy; a record that must outlive its source owns its bytes in `owned`.
   std::string_view data;
@@ -118,6 +123,7 @@ struct Record {
     name = o.name; name2 = o.name2; offset = o.offset; length = o.length; mode = o.mode;
     flags = o.flags; uid = o.uid; gid = o.gid; attr_valid = o.attr_valid; rdev = o.rdev;
     atime = o.atime; mtime = o.mtime; dir_mtime = o.dir_mtime; dir2_mtime = o.dir2_mtime;
+    whiteout_fid = o.whiteout_fid;
   }
 };
 

@@ -85,10 +85,21 @@ int Store::apply_created(const Record& rec, int parent_fd) {
   return 0;
 }
 
-bool Store::stamps_mtime(Op op) {
-  switch (op) {
+int Store::apply_whiteout(const Record& rec, int parent_fd) {
+  if (rec.whiteout_fid == kInvalidFileId) return 0;  // from a peer that did not name it
+  const char* name = rec.name.c_str();
+  if (fchownat(parent_fd, name, rec.uid, rec.gid, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  if (int err = write_file_id(parent_fd, name, rec.whiteout_fid)) return err;
+  if (track_files_) return files_.add(rec.whiteout_fid, parent_fd, name);
+  return 0;
+}
+
+bool Store::stamps_mtime(const Record& rec) {
+  switch (rec.op) {
     case Op::write: case Op::truncate: case Op::fallocate: case Op::create: case Op::mkdir: case Op::symlink:
       return true;
+    case Op::rename:
+      return (rec.flags & RENAME_WHITEOUT) != 0;  // the whiteout is a created entry
     default:
       return false;
   }
@@ -156,7 +167,7 @@ timespec mtime_of(int fd, const char* name) {
 }  // namespace
 
 void Store::report_stamps(const Record& rec, const Targets& t, Stamps& out) {
-  if (stamps_mtime(rec.op)) {
+  if (stamps_mtime(rec)) {
     const bool created = !(rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate);
     out.mtime = created ? mtime_of(t.parent_fd, rec.name.c_str()) : mtime_of(t.fd, "");
   }
@@ -174,7 +185,7 @@ void Store::report_stamps(const Record& rec, const Targets& t, Stamps& out) {
 }
 
 int Store::apply_stamps(const Record& rec, const Targets& t) {
-  if ((rec.attr_valid & kAttrStampMtime) && stamps_mtime(rec.op)) {
+  if ((rec.attr_valid & kAttrStampMtime) && stamps_mtime(rec)) {
     const bool created = !(rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate);
     if (int err = created ? set_mtime_at(t.parent_fd, rec.name.c_str(), rec.mtime) : set_mtime_at(t.fd, "", rec.mtime))
       return err;
@@ -271,6 +282,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
                                                              : read_file_id(t.parent2_fd, rec.name2.c_str()).value_or(kInvalidFileId);
       if (renameat2(t.parent_fd, rec.name.c_str(), t.parent2_fd, rec.name2.c_str(), rec.flags) != 0) return errno;
       maybe_orphaned(replaced);
+      if (rec.flags & RENAME_WHITEOUT) return apply_whiteout(rec, t.parent_fd);
       return 0;
     }
     case Op::setxattr:
@@ -401,9 +413,22 @@ int Store::apply_replayed(const Record& rec) {
       if (files_.path_fd(rec.fid) < 0) return skip_replayed(rec);
       break;
     }
+    case Op::rename:
+      if ((rec.flags & RENAME_WHITEOUT) && rec.fid != kInvalidFileId && entry_fid(rec.parent2, rec.name2) == rec.fid) {
+        // Renamed already; the whiteout may have been left untagged when the daemon died.
+        int pfd = files_.path_fd(rec.parent);
+        struct stat st;
+        if (pfd >= 0 && valid_name(rec.name) && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
+            fstatat(pfd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == 0) {
+          if (int err = apply_whiteout(rec, pfd)) return err;
+          const timespec ts[2] = {{0, UTIME_OMIT}, rec.mtime};
+          if ((rec.attr_valid & kAttrStampMtime) && utimensat(pfd, rec.name.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+        }
+        return skip_replayed(rec);
+      }
+      [[fallthrough]];
     case Op::unlink:
     case Op::rmdir:
-    case Op::rename:
       if (skip_unless(rec.fid != kInvalidFileId && entry_fid(rec.parent, rec.name) == rec.fid)) return skip_replayed(rec);
       break;
     default:

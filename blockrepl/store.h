@@ -75,12 +75,15 @@ class Store {
  private:
   int resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw);
   int apply_created(const Record& rec, int parent_fd);
+  // Owner and file id of the whiteout a RENAME_WHITEOUT left at rec.parent/rec.name.
+  int apply_whiteout(const Record& rec, int parent_fd);
   int apply_resolved(const Record& rec, Targets& t);
   bool wants_direct(const Record& rec) const;
   // Writes rec.data at rec.offset of the file open as fd, bypassing the page cache. EINVAL if
   // the file system cannot (the caller then writes through the page cache).
   static int write_direct(int fd, const Record& rec);
-  static bool stamps_mtime(Op op);
+  // Whether the record creates an entry or changes data, whose mtime replicas take from it.
+  static bool stamps_mtime(const Record& rec);
   static bool changes_directories(Op op);
   void report_stamps(const Record& rec, const Targets& t, Stamps& out);
   int apply_stamps(const Record& rec, const Targets& t);

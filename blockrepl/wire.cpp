@@ -257,6 +257,7 @@ void to_wire(const Record& rec, wire::Record::Builder out) {
   out.setAtimeNsec(rec.atime.tv_nsec);
   out.setMtimeSec(rec.mtime.tv_sec);
   out.setMtimeNsec(rec.mtime.tv_nsec);
+  out.setWhiteoutFid(rec.whiteout_fid);
   if (rec.attr_valid & kAttrStampDirs) {
     out.setDirMtimeSec(rec.dir_mtime.tv_sec);
     out.setDirMtimeNsec(rec.dir_mtime.tv_nsec);
@@ -300,6 +301,7 @@ Record from_wire(wire::Record::Reader in, bool view_data) {
   rec.rdev = in.getRdev();
   rec.atime = {static_cast<time_t>(in.getAtimeSec()), static_cast<long>(in.getAtimeNsec())};
   rec.mtime = {static_cast<time_t>(in.getMtimeSec()), static_cast<long>(in.getMtimeNsec())};
+  rec.whiteout_fid = in.getWhiteoutFid();
   rec.dir_mtime = {static_cast<time_t>(in.getDirMtimeSec()), static_cast<long>(in.getDirMtimeNsec())};
   rec.dir2_mtime = {static_cast<time_t>(in.getDir2MtimeSec()), static_cast<long>(in.getDir2MtimeNsec())};
   for (const timespec* ts : {&rec.atime, &rec.mtime, &rec.dir_mtime, &rec.dir2_mtime})

@@ -178,6 +178,28 @@ bool is_reserved_xattr(const char* name) {
   return strncmp(name, kReservedXattrPrefix, sizeof(kReservedXattrPrefix) - 1) == 0;
 }
 
+// --- what the kernel asked of the request at hand ---------------------------------------------
+
+// libfuse 3.14 decodes FUSE_WRITE without its write_flags, so the write handler cannot see
+// FUSE_WRITE_KILL_SUIDGID. Our read hook (read_request) sees every request before libfuse
+// decodes it, in the thread that then handles it: libfuse's workers (fuse_do_work) read a request
+// and process it in one thread, and never read by splice here (op_init turns that off). So a
+// thread-local describes the request this thread is handling, however many workers run.
+thread_local bool t_write_kills_suidgid = false;
+
+bool current_write_kills_suidgid() { return t_write_kills_suidgid; }
+
+void note_request(const void* buf, ssize_t n) {
+  t_write_kills_suidgid = false;
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_write_in))) return;
+  fuse_in_header in;
+  memcpy(&in, buf, sizeof in);
+  if (in.opcode != FUSE_WRITE) return;
+  fuse_write_in w;
+  memcpy(&w, static_cast<const char*>(buf) + sizeof in, sizeof w);
+  t_write_kills_suidgid = (w.write_flags & FUSE_WRITE_KILL_SUIDGID) != 0;
+}
+
 // --- file ids -------------------------------------------------------------------------------
 
 // The id of a looked-up inode. Files that predate the volume (or were put into the backing
@@ -272,6 +294,55 @@ int open_for_change(Inode& inode, int flags) {
   return open(fd_path(inode.fd).c_str(), flags | O_CLOEXEC);
 }
 
+// --- privileges ------------------------------------------------------------------------------
+
+// We negotiate FUSE_HANDLE_KILLPRIV_V2 (see kill_priv_writev below), so the kernel no longer asks
+// for security.capability before every write, and dropping privileges is our job, exactly when a
+// local file system would drop them:
+// - set-user-id, and set-group-id when group-executable: only when the kernel says so, i.e. the
+//   writer (or truncater) lacks CAP_FSETID (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID). A write
+//   by root keeps them, as on ext4.
+// - file capabilities (security.capability): on every write, by anyone, as on ext4.
+int drop_set_id_bits(Impl& fs, Inode& inode, fuse_ino_t ino) {
+  struct stat st;
+  if (int err = stat_inode(inode.fd, &st)) return err;  // the cached mode may be stale
+  uint32_t kill = st.st_mode & S_ISUID;
+  if ((st.st_mode & S_ISGID) && (st.st_mode & S_IXGRP)) kill |= S_ISGID;
+  if (!kill || !S_ISREG(st.st_mode)) return 0;
+  Record rec;
+  rec.op = Op::setattr;
+  rec.fid = inode.fid;
+  rec.attr_valid = kAttrMode;
+  rec.mode = st.st_mode & 07777 & ~kill;
+  Targets t;
+  t.path_fd = inode.fd;
+  if (int err = fs.node.submit(rec, t)) return err;
+  inode.mode.store((st.st_mode & S_IFMT) | rec.mode, std::memory_order_relaxed);
+  fs.defer_attr_invalidation(ino);  // the kernel still caches the old mode
+  return 0;
+}
+
+int drop_capabilities_on_write(Impl& fs, Inode& inode) {
+  if (inode.known_no_caps.load(std::memory_order_relaxed)) return 0;
+  if (getxattr(fd_path(inode.fd).c_str(), kCapsXattr, nullptr, 0) >= 0) {
+    Record rec;
+    rec.op = Op::removexattr;
+    rec.fid = inode.fid;
+    rec.name = kCapsXattr;
+    Targets t;
+    t.path_fd = inode.fd;
+    if (int err = fs.node.submit(rec, t)) return err;
+  }
+  inode.known_no_caps.store(true, std::memory_order_relaxed);
+  return 0;
+}
+
+int drop_privileges_on_write(Impl& fs, Inode& inode, fuse_ino_t ino) {
+  if (current_write_kills_suidgid())
+    if (int err = drop_set_id_bits(fs, inode, ino)) return err;
+  return drop_capabilities_on_write(fs, inode);
+}
+
 // --- operations -----------------------------------------------------------------------------
 
 void op_init(void* userdata, fuse_conn_info* conn) {
@@ -289,6 +360,8 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
   // Locks stay in the kernel, local to this host (we implement neither getlk/setlk nor flock).
   conn->want &= ~(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS);
+  // Requests must arrive through our read hook, which notes what a write asks for (note_request).
+  conn->want &= ~FUSE_CAP_SPLICE_READ;
   conn->max_write = 1u << 20;
   conn->max_readahead = 1u << 20;
   conn->max_background = 128;
@@ -384,6 +457,11 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
     int err = fs.node.submit(tr, tt);
     if (tmp >= 0) close(tmp);
     if (err) return (void)fuse_reply_err(req, err);
+    // A size change drops privileges as a write does; the kernel asks for the set-id bits only
+    // when the caller lacks CAP_FSETID (FATTR_KILL_SUIDGID, which libfuse passes as KILL_SUID).
+    if ((valid & FUSE_SET_ATTR_KILL_SUID) && !(rec.attr_valid & kAttrMode))
+      if ((err = drop_set_id_bits(fs, inode, ino))) return (void)fuse_reply_err(req, err);
+    if ((err = drop_capabilities_on_write(fs, inode))) return (void)fuse_reply_err(req, err);
   }
   if (rec.attr_valid) {
     if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
@@ -466,11 +544,19 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
                unsigned int flags) {
   if (refuse_if_read_only(req)) return;
   if (is_hidden(parent, name) || is_hidden(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
-  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) return (void)fuse_reply_err(req, EINVAL);
+  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT)) return (void)fuse_reply_err(req, EINVAL);
   Impl& fs = impl_of(req);
   Inode& dir = inode_of(req, parent);
   Inode& dir2 = inode_of(req, newparent);
   Record rec;
+  if (flags & RENAME_WHITEOUT) {
+    // The whiteout left at the old name is a new entry of the volume: its id and owner (the
+    // caller, as the kernel would make it) travel in the record so every node agrees.
+    rec.whiteout_fid = new_file_id();
+    rec.mode = S_IFCHR;
+    set_new_owner(req, dir, rec);
+    rec.mode = 0;
+  }
   rec.op = Op::rename;
   rec.fid = read_file_id(dir.fd, name).value_or(kInvalidFileId);  // lets a replica check it renames the same file
   rec.parent = dir.fid;
@@ -556,41 +642,6 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   buf.buf[0].fd = static_cast<int>(fi->fh);
   buf.buf[0].pos = off;
   fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
-}
-
-// We negotiate FUSE_HANDLE_KILLPRIV_V2 (see kill_priv_io below), so the kernel no longer asks for
-// security.capability before every write, and dropping privileges on write is our job: a written
-// file loses its set-user-id bit, its set-group-id bit (when group-executable) and its file
-// capabilities, like on a local file system written by an unprivileged user.
-int drop_privileges_on_write(Impl& fs, Inode& inode, fuse_ino_t ino) {
-  const uint32_t mode = inode.mode.load(std::memory_order_relaxed);
-  uint32_t kill = mode & S_ISUID;
-  if ((mode & S_ISGID) && (mode & S_IXGRP)) kill |= S_ISGID;
-  if (kill) {
-    Record rec;
-    rec.op = Op::setattr;
-    rec.fid = inode.fid;
-    rec.attr_valid = kAttrMode;
-    rec.mode = mode & ~kill;
-    Targets t;
-    t.path_fd = inode.fd;
-    if (int err = fs.node.submit(rec, t)) return err;
-    inode.mode.store(rec.mode, std::memory_order_relaxed);
-    fs.defer_attr_invalidation(ino);  // the kernel still caches the old mode
-  }
-  if (!inode.known_no_caps.load(std::memory_order_relaxed)) {
-    if (getxattr(fd_path(inode.fd).c_str(), kCapsXattr, nullptr, 0) >= 0) {
-      Record rec;
-      rec.op = Op::removexattr;
-      rec.fid = inode.fid;
-      rec.name = kCapsXattr;
-      Targets t;
-      t.path_fd = inode.fd;
-      if (int err = fs.node.submit(rec, t)) return err;
-    }
-    inode.known_no_caps.store(true, std::memory_order_relaxed);
-  }
-  return 0;
 }
 
 // The kernel's writeback cache already answered write() for these pages: the error reaches the
@@ -900,7 +951,12 @@ ssize_t kill_priv_writev(int fd, struct iovec* iov, int count, void*) {
   return writev(fd, iov, count);
 }
 
-ssize_t plain_read(int fd, void* buf, size_t len, void*) { return read(fd, buf, len); }
+// Reads one request and notes what libfuse will not tell the handler (see note_request).
+ssize_t read_request(int fd, void* buf, size_t len, void*) {
+  ssize_t n = read(fd, buf, len);
+  note_request(buf, n);
+  return n;
+}
 
 fuse_lowlevel_ops make_ops() {
   fuse_lowlevel_ops ops{};
@@ -981,7 +1037,7 @@ void Filesystem::mount() {
   mounted_ = true;
   impl_->se = se_;
   if (!cfg_.read_only) {
-    static const fuse_custom_io io = {kill_priv_writev, plain_read, nullptr, nullptr};
+    static const fuse_custom_io io = {kill_priv_writev, read_request, nullptr, nullptr};
     g_init_patched = false;
     if (fuse_session_custom_io(se_, &io, fuse_session_fd(se_)) != 0)
       LOG_WARN("cannot hook the FUSE channel; writes will ask for security.capability each time");

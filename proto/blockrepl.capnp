@@ -120,12 +120,14 @@ struct Record {
   mtimeSec @17 :Int64;
   mtimeNsec @18 :Int64;
   data @19 :Data;
+  # Rename with RENAME_WHITEOUT: the file id of the whiteout it leaves at the source name.
+  whiteoutFid @20 :UInt64;
   # With attrValid's kAttrStampDirs (namespace records): the mtimes the change left on the parent
   # directory (dirMtime) and on the rename target's directory (dir2Mtime) on the master.
-  dirMtimeSec @20 :Int64;
-  dirMtimeNsec @21 :Int64;
-  dir2MtimeSec @22 :Int64;
-  dir2MtimeNsec @23 :Int64;
+  dirMtimeSec @21 :Int64;
+  dirMtimeNsec @22 :Int64;
+  dir2MtimeSec @23 :Int64;
+  dir2MtimeNsec @24 :Int64;
 }
 
 struct Batch {
