@@ -32,10 +32,18 @@ std::string show(const std::vector<std::string>& args) {
   return s;
 }
 
+// Runs `blockrepl args...` in the directory `cwd` (for relative paths).
+CommandResult run_blockrepl_in(const std::string& cwd, const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {"sh", "-c", "cd \"$0\" && exec \"$@\"", cwd, blockrepl_binary()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_command(argv, 60);
+}
+
 // The error contract: non-zero exit, nothing on stdout, exactly one line on stderr that
 // mentions every string of `mentions`.
-void expect_refused(const std::vector<std::string>& args, const std::vector<std::string>& mentions) {
-  CommandResult r = run_blockrepl(args, 60);
+void expect_refused(const std::vector<std::string>& args, const std::vector<std::string>& mentions,
+                    const std::string& cwd = "") {
+  CommandResult r = cwd.empty() ? run_blockrepl(args, 60) : run_blockrepl_in(cwd, args);
   const std::string cmd = show(args);
   EXPECT_NE(r.exit_code, 0) << cmd << ": succeeded but should have been refused; stderr: " << r.err;
   EXPECT_NE(r.exit_code, -1) << cmd << ": hung";
@@ -197,6 +205,8 @@ TEST(DataDir, OverlapsWithARunningDaemonAreRefused) {
   expect_refused({"mount", "--data", m.data, other_mnt}, {m.data, "already in use"});
   // A data directory inside it, or one that contains it.
   expect_refused({"mount", "--data", m.data + "/inside", other_mnt}, {m.data, "lies inside"});
+  expect_refused({"mount", "--data", fs::path(m.data).filename().string() + "/inside/", other_mnt}, {m.data, "lies inside"},
+                 c.path());
   expect_refused({"mount", "--data", c.path(), other_mnt}, {m.data, "contains"});
   // A data directory inside the master's mount point.
   expect_refused({"mount", "--data", m.mnt + "/sub", other_mnt}, {m.mnt, "lies inside"});
@@ -249,11 +259,14 @@ TEST(DataDir, RemountAfterKillIsTheSameCommand) {
 }
 
 // A dead mount of something else on the mount point is not ours to remove: refused with one
-// line, also when that other data directory is gone.
+// line, also when that other data directory is gone. Its own data directory, however spelled
+// (relative, trailing slashes), mounts there again.
 TEST(DataDir, DeadMountOfAnotherDataDirectoryIsRefused) {
   Cluster c("dd-dead-other");
   Node& m = c.add_master();
   ASSERT_TRUE(m.ok());
+  write_file(m.file("kept"), "kept");
+  ASSERT_EQ(repl::sync_point(m.mnt), "");
   ASSERT_NO_FATAL_FAILURE(kill_daemon(m));
   const std::string other = c.path() + "/other-data";
   fs::create_directories(other);
@@ -269,7 +282,14 @@ TEST(DataDir, DeadMountOfAnotherDataDirectoryIsRefused) {
   EXPECT_FALSE(exists(other + "/.blockrepl"));
   struct stat st;
   EXPECT_NE(stat(m.mnt.c_str(), &st), 0) << "the dead mount was removed by a refused mount";
+
+  // Back in place, its own data directory mounts again, with the paths spelled relatively.
   fs::rename(c.path() + "/moved-away", m.data);
+  const std::string data_rel = "./" + fs::path(m.data).filename().string() + "/";
+  const std::string mnt_rel = fs::path(m.mnt).filename().string() + "//";
+  CommandResult r = run_blockrepl_in(c.path(), {"mount", "--data", data_rel, "--listen", m.address(), mnt_rel});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(read_file(m.file("kept")), "kept");
 }
 
 // A daemon leaves a pid file that is not its own in place when it exits.
