@@ -181,8 +181,6 @@ std::optional<std::string> check_overlaps(const MountPaths& paths) {
 
 }  // namespace
 
-bool is_mount_point(const std::string& path) { return find_mount(path).has_value(); }
-
 void lift_fuse_writeback_limit(const std::string& mountpoint_abs) {
   auto m = find_mount(mountpoint_abs);
   if (!m || m->devno.empty()) return;

@@ -32,8 +32,6 @@ void detach_dead_mount(const std::string& mountpoint_abs);
 // Raises the kernel's dirty-page limits for the FUSE mount at `mountpoint_abs` (best effort).
 void lift_fuse_writeback_limit(const std::string& mountpoint_abs);
 
-// Whether `path` (canonical) is a mount point according to /proc/self/mountinfo.
-bool is_mount_point(const std::string& path);
 // For a blockrepl mount: the backing directory from its fsname ("blockrepl:/srv/db"); nullopt if
 // `path` is not a blockrepl mount.
 std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs);

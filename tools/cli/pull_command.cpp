@@ -38,8 +38,9 @@ int run_pull(const std::string& address, const std::string& dir, int verbosity, 
   }
   // A file system of its own (a backup disk, with its lost+found) is a fine place; a blockrepl
   // mount is not: pull writes the backing directory, not through a mount.
-  if (blockrepl_data_dir_of(dir_abs)) {
-    fprintf(stderr, "blockrepl: pull: %s is a mount point; pull updates an unmounted directory\n", buf);
+  if (auto served = blockrepl_data_dir_of(dir_abs)) {
+    fprintf(stderr, "blockrepl: pull: %s is a mount point (blockrepl, of %s); pull updates a directory no daemon serves\n", buf,
+            served->c_str());
     return 1;
   }
   if (auto err = check_data_dir_overlaps(dir_abs)) {
