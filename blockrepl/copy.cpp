@@ -40,7 +40,7 @@ class TreeSender {
     std::vector<std::string> names;
     while (dirent* de = readdir(d)) {
       if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-      if (rel.empty() && !strcmp(de->d_name, kMetadataDirName)) continue;
+      if (rel.empty() && is_hidden_root_entry(de->d_name, de->d_type)) continue;
       names.emplace_back(de->d_name);
     }
     for (const std::string& name : names) send_entry(dirfd, rel, name);
@@ -369,7 +369,7 @@ void wipe_data_dir(int root_fd) {
   DIR* d = fdopendir(fd);
   std::vector<std::pair<std::string, bool>> entries;
   while (dirent* de = readdir(d)) {
-    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || !strcmp(de->d_name, kMetadataDirName)) continue;
+    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || is_hidden_root_entry(de->d_name, de->d_type)) continue;
     entries.emplace_back(de->d_name, de->d_type == DT_DIR);
   }
   for (auto& [n, is_dir] : entries) {
@@ -379,18 +379,31 @@ void wipe_data_dir(int root_fd) {
   closedir(d);
 }
 
-bool data_dir_is_empty(int root_fd) {
+std::vector<std::string> data_dir_entries(int root_fd, size_t max) {
+  std::vector<std::string> names;
   int fd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return false;
+  if (fd < 0) throw_errno("cannot open the data directory", errno);
   DIR* d = fdopendir(fd);
-  bool empty = true;
+  if (!d) {
+    int e = errno;
+    close(fd);
+    throw_errno("cannot read the data directory", e);
+  }
   while (dirent* de = readdir(d)) {
-    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || !strcmp(de->d_name, kMetadataDirName)) continue;
-    empty = false;
-    break;
+    if (names.size() >= max) break;
+    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || is_hidden_root_entry(de->d_name, de->d_type)) continue;
+    names.emplace_back(de->d_name);
   }
   closedir(d);
-  return empty;
+  return names;
+}
+
+bool data_dir_is_empty(int root_fd) {
+  try {
+    return data_dir_entries(root_fd, 1).empty();
+  } catch (const Error&) {
+    return false;  // unreadable: not known to be empty
+  }
 }
 
 }  // namespace blockrepl

@@ -65,9 +65,13 @@ class CopyReceiver {
 
 // Removes `name` in dirfd with everything below it (without following symlinks).
 void remove_tree_at(int dirfd, const char* name);
-// Removes everything in the backing directory except the metadata folder.
+// Removes everything in the backing directory except its hidden root entries (the metadata
+// folder, a file system's lost+found: is_hidden_root_entry).
 void wipe_data_dir(int root_fd);
-// Whether the backing directory holds nothing but the metadata folder.
+// The names of up to `max` entries of the backing directory other than its hidden root entries
+// (what a wipe would remove). Throws Error if it cannot be read.
+std::vector<std::string> data_dir_entries(int root_fd, size_t max);
+// Whether the backing directory holds nothing but its hidden root entries.
 bool data_dir_is_empty(int root_fd);
 
 }  // namespace blockrepl

@@ -521,7 +521,7 @@ class FidIndex {
     std::vector<std::pair<std::string, bool>> names;
     while (dirent* de = readdir(d)) {
       if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-      if (top && !strcmp(de->d_name, kMetadataDirName)) continue;
+      if (top && is_hidden_root_entry(de->d_name, de->d_type)) continue;
       names.emplace_back(de->d_name, de->d_type == DT_DIR);
     }
     closedir(d);
@@ -688,7 +688,7 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       std::vector<std::string> extra;
       while (dirent* de = readdir(d)) {
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        if (l.path.empty() && !strcmp(de->d_name, kMetadataDirName)) continue;
+        if (l.path.empty() && is_hidden_root_entry(de->d_name, de->d_type)) continue;
         if (!wanted.count(de->d_name)) extra.emplace_back(de->d_name);
       }
       closedir(d);

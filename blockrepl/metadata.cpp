@@ -74,16 +74,10 @@ int open_metadata_dir(int data_fd, const std::string& data_path) {
   return fd;
 }
 
-Identity load_or_create_identity(int meta_fd, const std::string& data_path) {
-  bool missing = false;
-  const std::string where = data_path + "/" + kMetadataDirName + "/" + kIdentityFile;
-  std::string text = read_small_file(meta_fd, kIdentityFile, where, &missing);
+namespace {
+
+Identity parse_identity(const std::string& text, const std::string& data_path) {
   Identity id;
-  if (missing) {
-    id.node_id = random_hex_id(8);
-    store_identity(meta_fd, id, data_path);
-    return id;
-  }
   std::istringstream in(text);
   std::string line;
   std::map<std::string, std::string> kv;
@@ -115,6 +109,41 @@ Identity load_or_create_identity(int meta_fd, const std::string& data_path) {
     throw Error(data_path + "/" + kMetadataDirName + "/identity is damaged (bad number)");
   }
   return id;
+}
+
+}  // namespace
+
+Identity load_or_create_identity(int meta_fd, const std::string& data_path) {
+  bool missing = false;
+  const std::string where = data_path + "/" + kMetadataDirName + "/" + kIdentityFile;
+  std::string text = read_small_file(meta_fd, kIdentityFile, where, &missing);
+  if (missing) {
+    Identity id;
+    id.node_id = random_hex_id(8);
+    store_identity(meta_fd, id, data_path);
+    return id;
+  }
+  return parse_identity(text, data_path);
+}
+
+std::optional<Identity> read_identity(const std::string& data_path) {
+  const std::string meta_path = data_path + "/" + kMetadataDirName;
+  int meta_fd = open(meta_path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (meta_fd < 0) {
+    if (errno == ENOENT) return std::nullopt;
+    throw_errno("cannot open metadata folder " + meta_path, errno);
+  }
+  bool missing = false;
+  std::string text;
+  try {
+    text = read_small_file(meta_fd, kIdentityFile, meta_path + "/" + kIdentityFile, &missing);
+  } catch (...) {
+    close(meta_fd);
+    throw;
+  }
+  close(meta_fd);
+  if (missing) return std::nullopt;
+  return parse_identity(text, data_path);
 }
 
 void store_identity(int meta_fd, const Identity& id, const std::string& data_path) {

@@ -76,7 +76,7 @@ Hash128 NamespaceSnapshot::walk(int dirfd, const std::string& rel, FileId fid, H
     if (DIR* d = fdopendir(fd)) {
       while (dirent* de = readdir(d)) {
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        if (rel.empty() && !strcmp(de->d_name, kMetadataDirName)) continue;
+        if (rel.empty() && is_hidden_root_entry(de->d_name, de->d_type)) continue;
         names.emplace_back(de->d_name);
       }
       closedir(d);

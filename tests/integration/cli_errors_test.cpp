@@ -194,6 +194,18 @@ TEST(CliErrors, UnknownFlag) {
   expect_not_mounted(mnt);
 }
 
+// 0 is no block size: refused like any other bad size, not taken for "not given".
+TEST(CliErrors, BlockSizeZero) {
+  TempDir tmp("cli");
+  std::string data = tmp.sub("data"), mnt = tmp.sub("mnt");
+  auto before = snapshot(data);
+  for (const char* bad : {"0", "1000", "512k"}) {
+    expect_error({"mount", "--block-size", bad, "--data", data, mnt}, {"--block-size"});
+    expect_untouched_data(data, before);
+    expect_not_mounted(mnt);
+  }
+}
+
 TEST(CliErrors, MissingDataFlag) {
   TempDir tmp("cli");
   std::string mnt = tmp.sub("mnt");

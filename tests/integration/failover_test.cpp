@@ -850,7 +850,7 @@ TEST(FailoverBadInput, PullRefusals) {
   write_file(foreign + "/precious.txt", "not a replica");
   ASSERT_EQ(mkdir((foreign + "/sub").c_str(), 0755), 0);
   write_file(foreign + "/sub/more", "more");
-  refused({"pull", m.address(), foreign}, foreign, "holds files but no blockrepl volume", true);
+  refused({"pull", m.address(), foreign}, foreign, "holds files that are not a blockrepl volume", true);
   // The data directory of a running mount.
   refused({"pull", m.address(), m.data}, m.data, "already in use", true);
   // A mount point.

@@ -24,11 +24,14 @@ int main(int argc, char** argv) {
   mount_cmd->add_option("--ack-timeout", mount.ack_timeout, "drop a slave that does not answer for this long (default 5s)");
   mount_cmd->add_option("--min-sync-slaves", mount.min_sync_slaves, "barriers fail with EIO unless this many sync slaves confirm");
   mount_cmd->add_option("--journal-size", mount.journal_size, "recent records kept for re-attaching slaves (default 256M; 0 keeps none)");
-  mount_cmd->add_option("--block-size", mount.block_size, "hash block size, fixed when the volume is created (default 4096)");
+  uint32_t block_size = 0;
+  auto* block_size_opt =
+      mount_cmd->add_option("--block-size", block_size, "hash block size, fixed when the volume is created (default 4096)");
   mount_cmd->add_flag("--no-fsync", mount.no_fsync, "slave: do not fsync applied records (faster, not durable)");
   mount_cmd->add_flag("--exit-on-disconnect", mount.exit_on_disconnect, "slave: exit non-zero when the master is lost");
   mount_cmd->add_flag("--discard-my-data", mount.discard_my_data,
-                      "slave: a diverged node (a former master) rejoins and is rewritten to its master's state");
+                      "slave: its data directory may be replaced: a diverged node (a former master) rejoins and is "
+                      "rewritten to its master's state, a directory holding other files is emptied for the first copy");
 
   std::string umount_point;
   bool lazy = false;
@@ -50,6 +53,9 @@ int main(int argc, char** argv) {
   pull_cmd->add_option("dir", pull_dir, "the directory to update (a cold standby or backup)")->required();
   pull_cmd->add_flag("-v,--verbose", pull_verbose, "log what happens (-vv for debug)");
   pull_cmd->add_flag("-q,--quiet", pull_quiet, "print nothing unless something is wrong (for cron)");
+  bool pull_discard = false;
+  pull_cmd->add_flag("--discard-my-data", pull_discard,
+                     "DIR may be replaced: files that are not a blockrepl volume, or a diverged volume (a former master)");
 
   std::string promote_point;
   auto* promote_cmd = app.add_subcommand("promote", "turn the slave behind MOUNTPOINT into a master (failover)");
@@ -88,11 +94,15 @@ int main(int argc, char** argv) {
     fprintf(stderr, "blockrepl: %s (see blockrepl --help)\n", e.what());
     return 2;
   }
-  if (*mount_cmd) return run_mount(mount);
+  if (*mount_cmd) {
+    // Given (even as 0, which is refused) or not: not given means the volume's own.
+    if (block_size_opt->count() > 0) mount.block_size = block_size;
+    return run_mount(mount);
+  }
   if (*umount_cmd) return run_umount(umount_point, lazy);
   if (*status_cmd) return run_status(status_point, status_json);
   if (*verify_cmd) return run_verify(verify_point, verify_deep);
   if (*promote_cmd) return run_promote(promote_point);
-  if (*pull_cmd) return run_pull(pull_address, pull_dir, pull_quiet ? -1 : pull_verbose);
+  if (*pull_cmd) return run_pull(pull_address, pull_dir, pull_quiet ? -1 : pull_verbose, pull_discard);
   return 2;
 }

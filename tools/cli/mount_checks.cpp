@@ -1,5 +1,6 @@
 #include "tools/cli/mount_checks.h"
 
+#include "blockrepl/copy.h"
 #include "blockrepl/error.h"
 #include "blockrepl/metadata.h"
 
@@ -13,8 +14,11 @@
 #include <sstream>
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+#include <vector>
 
 namespace blockrepl::cli {
 
@@ -39,30 +43,75 @@ struct MountEntry {
   std::string mountpoint, fstype, source, devno;
 };
 
-std::optional<MountEntry> find_mount(const std::string& path) {
+std::vector<MountEntry> read_mountinfo() {
   std::ifstream in("/proc/self/mountinfo");
   std::string line;
-  std::optional<MountEntry> found;
+  std::vector<MountEntry> mounts;
   while (std::getline(in, line)) {
     std::istringstream ls(line);
     std::string id, parent, devno, root, mnt;
     ls >> id >> parent >> devno >> root >> mnt;
-    if (unescape(mnt) != path) continue;
     std::string tok;
     while (ls >> tok && tok != "-") {}
     MountEntry e;
-    e.mountpoint = path;
+    e.mountpoint = unescape(mnt);
     e.devno = devno;
     ls >> e.fstype >> e.source;
     e.source = unescape(e.source);
-    found = e;  // the last entry is the one on top
+    mounts.push_back(std::move(e));
   }
+  return mounts;
+}
+
+std::optional<MountEntry> find_mount(const std::string& path) {
+  std::optional<MountEntry> found;
+  for (auto& m : read_mountinfo())
+    if (m.mountpoint == path) found = m;  // the last entry is the one on top
   return found;
 }
 
+constexpr const char kBlockreplFsType[] = "fuse.blockrepl";
+constexpr const char kBlockreplSourcePrefix[] = "blockrepl:";
+
+// The data directory of a blockrepl mount from its source ("blockrepl:/srv/db").
+std::optional<std::string> data_dir_of(const MountEntry& m) {
+  if (m.fstype != kBlockreplFsType || m.source.rfind(kBlockreplSourcePrefix, 0) != 0) return std::nullopt;
+  return m.source.substr(strlen(kBlockreplSourcePrefix));
+}
+
 bool is_under(const std::string& inner, const std::string& outer) {
-  if (outer == "/") return true;
+  if (outer == "/") return inner != "/";
   return inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 && inner[outer.size()] == '/';
+}
+
+// Whether a daemon holds the lock of the data directory `data_abs` (lock_data_dir). Looks
+// without creating anything, and without asking a FUSE mount, which a stopped daemon would
+// never answer.
+bool data_dir_locked(const std::string& data_abs) {
+  const std::string lock_path = data_abs + "/" + kMetadataDirName + "/lock";
+  int fd = open(lock_path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool locked = flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+  close(fd);  // drops our shared lock, if we got it
+  return locked;
+}
+
+// What stat() of a FUSE mount whose daemon died fails with: ENOTCONN, or ECONNABORTED while the
+// kernel is still tearing the connection down.
+bool is_dead_fuse_errno(int e) { return e == ENOTCONN || e == ECONNABORTED; }
+
+// The canonical path of a mount point whose FUSE daemon died: realpath() of it fails with
+// ENOTCONN, so resolve its parent and append the last component.
+std::optional<std::string> resolve_dead_mount_point(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  const size_t slash = path.rfind('/');
+  const std::string parent = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (name.empty() || name == "." || name == "..") return std::nullopt;
+  char buf[PATH_MAX];
+  if (!realpath(parent.c_str(), buf)) return std::nullopt;
+  const std::string dir = buf;
+  return (dir == "/" ? "" : dir) + "/" + name;
 }
 
 std::optional<std::string> check_dir(const std::string& path, const char* what, std::string* abs) {
@@ -70,7 +119,7 @@ std::optional<std::string> check_dir(const std::string& path, const char* what, 
   if (stat(path.c_str(), &st) != 0) {
     int e = errno;
     if (e == ENOENT) return std::string(what) + " " + path + " does not exist";
-    if (e == ENOTCONN)
+    if (is_dead_fuse_errno(e))
       return std::string(what) + " " + path + " is a dead FUSE mount (its daemon died): run fusermount3 -u " + path;
     return std::string(what) + " " + path + ": " + strerror(e);
   }
@@ -81,9 +130,56 @@ std::optional<std::string> check_dir(const std::string& path, const char* what, 
   return std::nullopt;
 }
 
-}  // namespace
+// The mount point, which may hold the dead mount of a daemon that crashed: that is no error
+// when it was a mount of this same data directory (the next mount replaces it, so that
+// remounting after a crash is the same command), and one otherwise.
+std::optional<std::string> check_mount_point(const std::string& path, const std::string& data_abs, MountPaths* out) {
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0 || !is_dead_fuse_errno(errno)) return check_dir(path, "mount point", &out->mountpoint_abs);
+  auto abs = resolve_dead_mount_point(path);
+  auto m = abs ? find_mount(*abs) : std::nullopt;
+  if (!m) return "mount point " + path + " is a dead FUSE mount (its daemon died): run fusermount3 -u " + path;
+  if (data_dir_of(*m) != data_abs)
+    return "mount point " + *abs + " holds a dead mount of " + m->source + " (" + m->fstype +
+           ", its daemon died), not of " + data_abs + ": run fusermount3 -u " + *abs;
+  out->mountpoint_abs = *abs;
+  out->replace_dead_mount = true;
+  return std::nullopt;
+}
 
-bool is_mount_point(const std::string& path) { return find_mount(path).has_value(); }
+// How `path` lies relative to `other`: "is", "contains", "lies inside", or nullopt if apart.
+std::optional<std::string> relation(const std::string& path, const std::string& other) {
+  if (path == other) return "is";
+  if (is_under(other, path)) return "contains";
+  if (is_under(path, other)) return "lies inside";
+  return std::nullopt;
+}
+
+// A data directory or mount point that is, contains, or lies inside a directory another
+// daemon serves or backs with: both daemons would write to the same files, or one would walk
+// (and replicate) the other's mount, or hide it.
+std::optional<std::string> check_overlaps(const MountPaths& paths) {
+  for (const MountEntry& m : read_mountinfo()) {
+    auto other_data = data_dir_of(m);
+    if (!other_data) continue;
+    if (paths.replace_dead_mount && m.mountpoint == paths.mountpoint_abs) continue;  // the one we replace
+    // A dead mount of this very data directory elsewhere uses nothing: its daemon is gone.
+    if (*other_data == paths.data_abs && !data_dir_locked(*other_data)) continue;
+    const std::string daemon = "the blockrepl daemon mounted at " + m.mountpoint;
+    for (const auto& [what, path] : {std::pair{"data directory", paths.data_abs}, {"mount point", paths.mountpoint_abs}}) {
+      if (path.empty()) continue;
+      for (const auto& [other_what, other_path] : {std::pair{"data directory", *other_data}, {"mount point", m.mountpoint}}) {
+        auto rel = relation(path, other_path);
+        if (!rel) continue;
+        return std::string(what) + " " + path + " is already in use: it " + *rel + " the " + other_what +
+               (*rel == "is" ? "" : " " + other_path) + " of " + daemon;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
 
 void lift_fuse_writeback_limit(const std::string& mountpoint_abs) {
   auto m = find_mount(mountpoint_abs);
@@ -102,29 +198,76 @@ void lift_fuse_writeback_limit(const std::string& mountpoint_abs) {
 
 std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs) {
   auto m = find_mount(mountpoint_abs);
-  if (!m || m->fstype != "fuse.blockrepl") return std::nullopt;
-  const std::string prefix = "blockrepl:";
-  if (m->source.rfind(prefix, 0) != 0) return std::nullopt;
-  return m->source.substr(prefix.size());
+  return m ? data_dir_of(*m) : std::nullopt;
 }
 
-std::optional<std::string> check_mount_paths(const std::string& data, const std::string& mountpoint,
-                                             std::string* data_abs, std::string* mountpoint_abs) {
-  if (auto err = check_dir(data, "data directory", data_abs)) return err;
-  if (auto err = check_dir(mountpoint, "mount point", mountpoint_abs)) return err;
-  if (*data_abs == *mountpoint_abs)
-    return "data directory and mount point are the same directory (" + *data_abs + "): they must differ";
-  if (is_under(*data_abs, *mountpoint_abs))
-    return "data directory " + *data_abs + " is inside mount point " + *mountpoint_abs + ": it would be hidden by the mount";
-  if (is_under(*mountpoint_abs, *data_abs))
-    return "mount point " + *mountpoint_abs + " is inside data directory " + *data_abs + ": the mount would contain itself";
-  if (auto m = find_mount(*mountpoint_abs)) {
-    return "mount point " + *mountpoint_abs + " is busy: " + m->fstype + " (" + m->source +
-           ") is already mounted there";
-  }
-  if (access(data_abs->c_str(), R_OK | W_OK | X_OK) != 0)
-    return "data directory " + *data_abs + " is not writable: " + strerror(errno);
+std::optional<std::string> check_mount_paths(const std::string& data, const std::string& mountpoint, MountPaths* out) {
+  *out = MountPaths{};
+  if (auto err = check_dir(data, "data directory", &out->data_abs)) return err;
+  if (auto err = check_mount_point(mountpoint, out->data_abs, out)) return err;
+  const std::string& data_abs = out->data_abs;
+  const std::string& mnt_abs = out->mountpoint_abs;
+  if (data_abs == mnt_abs)
+    return "data directory and mount point are the same directory (" + data_abs + "): they must differ";
+  if (is_under(data_abs, mnt_abs))
+    return "data directory " + data_abs + " is inside mount point " + mnt_abs + ": it would be hidden by the mount";
+  if (is_under(mnt_abs, data_abs))
+    return "mount point " + mnt_abs + " is inside data directory " + data_abs + ": the mount would contain itself";
+  if (!out->replace_dead_mount)
+    if (auto m = find_mount(mnt_abs))
+      return "mount point " + mnt_abs + " is busy: " + m->fstype + " (" + m->source + ") is already mounted there";
+  if (auto err = check_overlaps(*out)) return err;
+  if (access(data_abs.c_str(), R_OK | W_OK | X_OK) != 0)
+    return "data directory " + data_abs + " is not writable: " + strerror(errno);
   return std::nullopt;
+}
+
+std::optional<std::string> check_data_dir_overlaps(const std::string& data_abs) {
+  MountPaths paths;
+  paths.data_abs = data_abs;
+  return check_overlaps(paths);
+}
+
+std::optional<std::string> check_replica_data_dir(const std::string& data_abs, const std::string& who) {
+  try {
+    auto id = read_identity(data_abs);
+    if (id && !id->cluster_id.empty()) return std::nullopt;  // a volume: its master checks the cluster
+    int fd = open(data_abs.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) throw_errno("cannot open " + data_abs, errno);
+    std::vector<std::string> names;
+    try {
+      names = data_dir_entries(fd, 4);
+    } catch (...) {
+      close(fd);
+      throw;
+    }
+    close(fd);
+    if (names.empty()) return std::nullopt;
+    std::string list;
+    for (size_t i = 0; i < names.size() && i < 3; i++) list += (i ? ", " : "") + names[i];
+    if (names.size() > 3) list += ", ...";
+    return "data directory " + data_abs + " holds files that are not a blockrepl volume (" + list +
+           "): empty it, or pass --discard-my-data to let the " + who + " replace them";
+  } catch (const std::exception& e) {
+    return "data directory " + data_abs + ": " + e.what();
+  }
+}
+
+void detach_dead_mount(const std::string& mountpoint_abs) {
+  if (umount2(mountpoint_abs.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW) == 0) return;
+  const int e = errno;
+  if (e != EPERM) throw_errno("cannot remove the dead mount on " + mountpoint_abs, e);
+  // Not root: fusermount3 may still remove a FUSE mount its user made.
+  pid_t pid = fork();
+  if (pid == 0) {
+    int null = open("/dev/null", O_WRONLY);
+    if (null >= 0) dup2(null, STDERR_FILENO);
+    execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint_abs.c_str(), nullptr);
+    _exit(127);
+  }
+  int status = 0;
+  if (pid < 0 || waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    throw Error("cannot remove the dead mount on " + mountpoint_abs + ": " + strerror(e) + " (and fusermount3 -u -z failed)");
 }
 
 // One daemon per data directory: an exclusive lock held for the daemon's life.

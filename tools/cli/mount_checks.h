@@ -6,16 +6,32 @@
 
 namespace blockrepl::cli {
 
-// Returns an error sentence, or nullopt when the data directory and mount point are usable.
-// On success sets the canonical (absolute) paths.
-std::optional<std::string> check_mount_paths(const std::string& data, const std::string& mountpoint,
-                                             std::string* data_abs, std::string* mountpoint_abs);
+struct MountPaths {
+  std::string data_abs, mountpoint_abs;  // canonical
+  // The mount point holds the dead mount of a daemon of this data directory that crashed:
+  // detach_dead_mount() it before mounting.
+  bool replace_dead_mount = false;
+};
+
+// Returns an error sentence, or nullopt when the data directory and mount point are usable:
+// they exist, are apart, and neither is, contains or lies inside another running daemon's data
+// directory or mount point. On success fills *out. Writes nothing.
+std::optional<std::string> check_mount_paths(const std::string& data, const std::string& mountpoint, MountPaths* out);
+// The same overlap rule for a directory that is about to be written without a mount (pull).
+std::optional<std::string> check_data_dir_overlaps(const std::string& data_abs);
+
+// A replica's data directory must be empty (a file system's lost+found aside), or hold a
+// blockrepl volume (whose master then checks that it is of its cluster): its first attach
+// replaces whatever else is there. Returns the error sentence for anything else; `who` ("slave",
+// "pull") is what would replace it. Pass --discard-my-data to skip this check. Writes nothing.
+std::optional<std::string> check_replica_data_dir(const std::string& data_abs, const std::string& who);
+
+// Removes (lazily) the dead mount found by check_mount_paths; throws Error.
+void detach_dead_mount(const std::string& mountpoint_abs);
 
 // Raises the kernel's dirty-page limits for the FUSE mount at `mountpoint_abs` (best effort).
 void lift_fuse_writeback_limit(const std::string& mountpoint_abs);
 
-// Whether `path` (canonical) is a mount point according to /proc/self/mountinfo.
-bool is_mount_point(const std::string& path);
 // For a blockrepl mount: the backing directory from its fsname ("blockrepl:/srv/db"); nullopt if
 // `path` is not a blockrepl mount.
 std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs);

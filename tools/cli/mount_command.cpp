@@ -40,12 +40,26 @@ namespace {
 
 
 
+std::string pid_file_path(const std::string& data_abs) { return data_abs + "/" + kMetadataDirName + "/" + kPidFile; }
+
 void write_pid_file(const std::string& data_abs) {
-  std::string path = data_abs + "/" + kMetadataDirName + "/" + kPidFile;
-  if (FILE* f = fopen(path.c_str(), "w")) {
+  if (FILE* f = fopen(pid_file_path(data_abs).c_str(), "w")) {
     fprintf(f, "%d\n", getpid());
     fclose(f);
   }
+}
+
+// Removes the pid file only if it still names this process: it tells `umount` and error
+// messages which daemon serves the data directory, and a newer daemon's must survive an older
+// one's exit. Called while the data directory's lock is still held.
+void remove_own_pid_file(const std::string& data_abs) {
+  const std::string path = pid_file_path(data_abs);
+  pid_t pid = 0;
+  if (FILE* f = fopen(path.c_str(), "r")) {
+    if (fscanf(f, "%d", &pid) != 1) pid = 0;
+    fclose(f);
+  }
+  if (pid == getpid()) unlink(path.c_str());
 }
 
 void raise_fd_limit() {
@@ -268,8 +282,8 @@ int run_mount(const MountOptions& opts) {
     fprintf(stderr, "blockrepl: --journal-size must be a size such as 256M or 0 (got '%s')\n", opts.journal_size.c_str());
     return 2;
   }
-  if (opts.block_size && (opts.block_size < 512 || opts.block_size > (1u << 20) || (opts.block_size & (opts.block_size - 1)))) {
-    fprintf(stderr, "blockrepl: --block-size must be a power of two from 512 to 1048576 (got %u)\n", opts.block_size);
+  if (opts.block_size && (*opts.block_size < 512 || *opts.block_size > (1u << 20) || (*opts.block_size & (*opts.block_size - 1)))) {
+    fprintf(stderr, "blockrepl: --block-size must be a power of two from 512 to 1048576 (got %u)\n", *opts.block_size);
     return 2;
   }
   const bool slave = !opts.master.empty();
@@ -281,11 +295,20 @@ int run_mount(const MountOptions& opts) {
     fprintf(stderr, "blockrepl: --min-sync-slaves needs --listen\n");
     return 2;
   }
-  std::string data_abs, mnt_abs;
-  if (auto err = check_mount_paths(opts.data, opts.mountpoint, &data_abs, &mnt_abs)) {
+  MountPaths paths;
+  if (auto err = check_mount_paths(opts.data, opts.mountpoint, &paths)) {
     fprintf(stderr, "blockrepl: %s\n", err->c_str());
     return 1;
   }
+  // A slave's first attach replaces what its data directory holds: only an empty directory or a
+  // volume is taken without being told.
+  if (slave && !opts.discard_my_data)
+    if (auto err = check_replica_data_dir(paths.data_abs, "slave")) {
+      fprintf(stderr, "blockrepl: %s\n", err->c_str());
+      return 1;
+    }
+  const std::string& data_abs = paths.data_abs;
+  const std::string& mnt_abs = paths.mountpoint_abs;
 
   Readiness readiness;
   readiness.start(opts.foreground);
@@ -320,14 +343,20 @@ int run_mount(const MountOptions& opts) {
   try {
     // A port in use is refused before anything is written to the data directory.
     if (!opts.listen.empty()) listen_fd = listen_on(opts.listen);
+    if (paths.replace_dead_mount) {
+      // Left by a daemon of this data directory that died (a crash, SIGKILL): mounting again
+      // is the way back, so it needs no separate fusermount3 -u.
+      detach_dead_mount(mnt_abs);
+      LOG_WARN("removed the dead mount of %s on %s left by a daemon that died", data_abs.c_str(), mnt_abs.c_str());
+    }
     lock_fd = lock_data_dir(data_abs);
     d.node = std::make_unique<Node>(data_abs);
     const Identity id = d.node->identity();
-    if (opts.block_size && !id.cluster_id.empty() && opts.block_size != id.block_size)
+    if (opts.block_size && !id.cluster_id.empty() && *opts.block_size != id.block_size)
       throw Error("block size mismatch: " + data_abs + " was created with --block-size " + std::to_string(id.block_size) +
-                  ", not " + std::to_string(opts.block_size));
-    if (opts.block_size && id.cluster_id.empty() && opts.block_size != id.block_size)
-      d.node->update_identity([&](Identity& i) { i.block_size = opts.block_size; });
+                  ", not " + std::to_string(*opts.block_size));
+    if (opts.block_size && id.cluster_id.empty() && *opts.block_size != id.block_size)
+      d.node->update_identity([&](Identity& i) { i.block_size = *opts.block_size; });
     if (!slave && (id.cluster_id.empty() || id.role != "master")) {
       // A new volume, or a former slave mounted as a master: a new history starts here.
       d.node->update_identity([&](Identity& i) {
@@ -446,7 +475,7 @@ int run_mount(const MountOptions& opts) {
   d.node->store().set_hashes(nullptr);
   d.hashes.reset();
   d.node.reset();
-  unlink((data_abs + "/" + kMetadataDirName + "/" + kPidFile).c_str());
+  remove_own_pid_file(data_abs);
   if (lock_fd >= 0) close(lock_fd);
   return d.exit_code ? d.exit_code.load() : rc;
 }

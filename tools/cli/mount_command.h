@@ -2,6 +2,7 @@
 #pragma once
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace blockrepl::cli {
@@ -23,13 +24,14 @@ struct MountOptions {
   bool no_fsync = false;
   bool exit_on_disconnect = false;
   bool discard_my_data = false;
-  uint32_t block_size = 0;  // 0: the volume's (4096 for a new one)
+  std::optional<uint32_t> block_size;  // not given: the volume's (4096 for a new one)
 };
 
 int run_mount(const MountOptions& opts);
 int run_umount(const std::string& mountpoint, bool lazy);
 // verbosity: -1 quiet (errors only), 0 a summary line, 1 info, 2 debug.
-int run_pull(const std::string& address, const std::string& dir, int verbosity);
+// discard_my_data: DIR may be replaced (files that are not a volume, a diverged volume).
+int run_pull(const std::string& address, const std::string& dir, int verbosity, bool discard_my_data);
 int run_promote(const std::string& mountpoint);
 int run_verify(const std::string& mountpoint, bool deep);
 int run_status(const std::string& mountpoint, bool json);

@@ -23,28 +23,7 @@
 
 namespace blockrepl::cli {
 
-namespace {
-
-// A directory with files in it that no blockrepl node ever held: pulling into it would mix a
-// replica with whatever it holds.
-bool is_foreign(const std::string& dir) {
-  struct stat st;
-  if (stat((dir + "/" + kMetadataDirName + "/identity").c_str(), &st) == 0) return false;
-  DIR* d = opendir(dir.c_str());
-  if (!d) return false;
-  bool foreign = false;
-  while (dirent* de = readdir(d)) {
-    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || !strcmp(de->d_name, kMetadataDirName)) continue;
-    foreign = true;
-    break;
-  }
-  closedir(d);
-  return foreign;
-}
-
-}  // namespace
-
-int run_pull(const std::string& address, const std::string& dir, int verbosity) {
+int run_pull(const std::string& address, const std::string& dir, int verbosity, bool discard_my_data) {
   set_log_level(verbosity > 1 ? LogLevel::debug : verbosity == 1 ? LogLevel::info : verbosity < 0 ? LogLevel::error : LogLevel::warn);
   char buf[PATH_MAX];
   if (!realpath(dir.c_str(), buf)) {
@@ -57,14 +36,23 @@ int run_pull(const std::string& address, const std::string& dir, int verbosity) 
     fprintf(stderr, "blockrepl: pull: %s is not a directory\n", buf);
     return 1;
   }
-  if (is_mount_point(dir_abs) || blockrepl_data_dir_of(dir_abs)) {
-    fprintf(stderr, "blockrepl: pull: %s is a mount point; pull updates an unmounted directory\n", buf);
+  // A file system of its own (a backup disk, with its lost+found) is a fine place; a blockrepl
+  // mount is not: pull writes the backing directory, not through a mount.
+  if (auto served = blockrepl_data_dir_of(dir_abs)) {
+    fprintf(stderr, "blockrepl: pull: %s is a mount point (blockrepl, of %s); pull updates a directory no daemon serves\n", buf,
+            served->c_str());
     return 1;
   }
-  if (is_foreign(dir_abs)) {
-    fprintf(stderr, "blockrepl: pull: %s holds files but no blockrepl volume; pull into an empty directory or an earlier pull\n", buf);
+  if (auto err = check_data_dir_overlaps(dir_abs)) {
+    fprintf(stderr, "blockrepl: pull: %s\n", err->c_str());
     return 1;
   }
+  // The same rule as a slave's: a first pull replaces what DIR holds.
+  if (!discard_my_data)
+    if (auto err = check_replica_data_dir(dir_abs, "pull")) {
+      fprintf(stderr, "blockrepl: pull: %s\n", err->c_str());
+      return 1;
+    }
   int lock_fd = -1;
   try {
     lock_fd = lock_data_dir(dir_abs);
@@ -84,6 +72,7 @@ int run_pull(const std::string& address, const std::string& dir, int verbosity) 
     fc.master_address = address;
     fc.ack = AckLevel::async;  // a pull never holds up the master's barriers
     fc.stage_stream = true;
+    fc.discard_my_data = discard_my_data;
     fc.master_timeout = std::chrono::milliseconds(30000);
     {
       Follower follower(node, fc);
