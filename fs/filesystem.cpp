@@ -168,8 +168,11 @@ fuse_ino_t ino_of(Impl& fs, Inode* inode) {
   return inode == fs.inodes.root() ? FUSE_ROOT_ID : reinterpret_cast<fuse_ino_t>(inode);
 }
 
+// Root entries that are not part of the volume (see is_hidden_root_entry) are neither shown nor
+// made through the mount: a change inside the file system's own lost+found would be a record
+// that replicas, which keep a lost+found of their own, could not apply.
 bool is_hidden(fuse_ino_t parent, const char* name) {
-  return parent == FUSE_ROOT_ID && strcmp(name, kMetadataDirName) == 0;
+  return parent == FUSE_ROOT_ID && (strcmp(name, kMetadataDirName) == 0 || strcmp(name, kLostFoundName) == 0);
 }
 
 constexpr const char kCapsXattr[] = "security.capability";

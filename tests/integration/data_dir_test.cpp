@@ -151,6 +151,31 @@ TEST(DataDir, SlaveOnFreshFileSystemKeepsLostFound) {
   expect_verified(s);
 }
 
+// A master on a fresh file system: its lost+found is not part of the volume, so the mount
+// neither shows it nor lets anything be made there, and its slaves stay identical.
+TEST(DataDir, MastersLostFoundIsNeitherShownNorReplicated) {
+  TempDir disk("dd-m-ext4");
+  SmallExt4 ext4(disk.path() + "/fs", "64M");
+  ASSERT_TRUE(ext4.ok()) << ext4.error();
+  Cluster c("dd-m-lostfound");
+  Node& m = c.define_master();
+  m.data = ext4.path();
+  ASSERT_TRUE(c.mount(m));
+  Node& s = c.add_slave(m);
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(list_dir(m.mnt).count("lost+found"), 0u) << "the mount shows the file system's lost+found";
+  struct stat st;
+  EXPECT_EQ(lstat(m.file("lost+found").c_str(), &st), -1);
+  EXPECT_EQ(errno, ENOENT);
+  EXPECT_EQ(mkdir(m.file("lost+found/x").c_str(), 0755), -1);
+  EXPECT_EQ(mkdir(m.file("lost+found").c_str(), 0755), -1);
+  EXPECT_EQ(errno, EPERM);
+  write_file(m.file("a"), "data");
+  ASSERT_EQ(repl::sync_and_wait(m.mnt, {s.mnt}), "");
+  EXPECT_FALSE(exists(s.data + "/lost+found"));
+  expect_verified(s);
+}
+
 // `pull` follows the same rule as a slave: foreign files are refused unless given up, and a
 // fresh file system's lost+found stays.
 TEST(DataDir, PullRefusesForeignFilesAndKeepsLostFound) {
