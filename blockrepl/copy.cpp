@@ -57,8 +57,9 @@ class TreeSender {
     auto fid = read_file_id(dirfd, name.c_str());
     if (!fid) {
       if (!assign_ids_) return;
-      FileId nf = new_file_id();
-      if (write_file_id(dirfd, name.c_str(), nf) != 0) return;
+      int err = 0;
+      FileId nf = assign_file_id(dirfd, name.c_str(), &err);
+      if (nf == kInvalidFileId) return;
       fid = nf;
     }
     capnp::MallocMessageBuilder mb;

@@ -41,6 +41,21 @@ int write_file_id(int dirfd, const char* name, FileId fid) {
   return rc == 0 ? 0 : errno;
 }
 
+FileId assign_file_id(int dirfd, const char* name, int* err) {
+  if (auto have = read_file_id(dirfd, name)) return *have;
+  const FileId fid = new_file_id();
+  const uint64_t le = htole64(fid);
+  const std::string p = fd_path(dirfd, name);
+  const int rc = (name && *name) ? lsetxattr(p.c_str(), kFileIdXattr, &le, sizeof le, XATTR_CREATE)
+                                 : setxattr(p.c_str(), kFileIdXattr, &le, sizeof le, XATTR_CREATE);
+  if (rc == 0) return fid;
+  if (errno == EEXIST) {  // someone else gave it one first: theirs it is
+    if (auto theirs = read_file_id(dirfd, name)) return *theirs;
+  }
+  *err = errno;
+  return kInvalidFileId;
+}
+
 FileId new_file_id() {
   thread_local std::mt19937_64 gen{std::random_device{}()};
   for (;;) {

@@ -30,4 +30,10 @@ int write_file_id(int dirfd, const char* name, FileId fid);
 // A fresh random id (never kInvalidFileId or kRootFileId).
 FileId new_file_id();
 
+// The one place where a file that has no id gets one (a master meeting a file put into the
+// backing directory behind its back): atomically, so that two threads meeting the file at once
+// (a lookup racing a full copy's walk) agree on one id. Returns the id the file has now, or
+// kInvalidFileId with *err set.
+FileId assign_file_id(int dirfd, const char* name, int* err);
+
 }  // namespace blockrepl

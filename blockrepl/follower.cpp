@@ -586,7 +586,8 @@ void Follower::make_durable(Lsn lsn) {
       if (int err = node_.store().sync_all()) throw_errno("cannot sync " + node_.data_path(), err);
     } else {
       for (FileId fid : dirty_files_) {
-        int fd = node_.store().files().rw_fd(fid);
+        Fd lease = node_.store().files().rw(fid);
+        int fd = lease.get();
         if (fd >= 0 && fdatasync(fd) != 0) throw_errno("cannot sync a file of " + node_.data_path(), errno);
       }
     }

@@ -12,7 +12,6 @@
 
 #include "blockrepl/error.h"
 #include "blockrepl/file_id.h"
-#include "blockrepl/file_table.h"
 #include "blockrepl/log.h"
 
 namespace blockrepl {
@@ -30,8 +29,10 @@ int reopen_readable(int fd) { return open(fd_path(fd).c_str(), O_RDONLY | O_CLOE
 
 }  // namespace
 
-HashIndex::HashIndex(int root_fd, int meta_fd, std::string data_path, uint32_t block_size, bool durable)
-    : root_fd_(root_fd), meta_fd_(meta_fd), data_path_(std::move(data_path)), block_size_(block_size), durable_(durable) {
+HashIndex::HashIndex(FileRegistry& files, int root_fd, int meta_fd, std::string data_path, uint32_t block_size,
+                     bool durable)
+    : files_(files),
+      root_fd_(root_fd), meta_fd_(meta_fd), data_path_(std::move(data_path)), block_size_(block_size), durable_(durable) {
   hashes_fd_ = open_hashes_dir(meta_fd_, data_path_);
   log_ = std::make_unique<DirtyLog>(meta_fd_, data_path_ + "/.blockrepl", durable_);
   recover();
@@ -40,8 +41,6 @@ HashIndex::HashIndex(int root_fd, int meta_fd, std::string data_path, uint32_t b
 HashIndex::~HashIndex() {
   stop_checkpoints();
   std::lock_guard lk(map_mu_);
-  for (auto& [fid, e] : entries_)
-    if (e->path_fd >= 0) close(e->path_fd);
   entries_.clear();
   if (hashes_fd_ >= 0) close(hashes_fd_);
 }
@@ -63,8 +62,7 @@ void HashIndex::recover() {
   // The data as it is now is what the trees must describe: make it durable first, so a saved
   // hash never describes data a power loss could still take back.
   if (int err = sync_data()) throw_errno("cannot sync " + data_path_ + " to recover its hash trees", err);
-  FileTable files(root_fd_);
-  files.scan();
+  files_.scan();
   std::map<FileId, std::vector<uint64_t>> extents;
   if (logged) {
     for (const auto& e : *logged) {
@@ -83,7 +81,8 @@ void HashIndex::recover() {
   }
   uint64_t blocks = 0, nfiles = 0;
   auto repair = [&](FileId fid, std::span<const uint64_t> ext) {
-    int pfd = files.path_fd(fid);
+    Fd lease = files_.path(fid);
+    int pfd = lease.get();
     if (pfd < 0) {
       FileHashTree::remove_saved(hashes_fd_, fid);  // the file is gone
       return;
@@ -206,7 +205,6 @@ void HashIndex::after_change(const Record& rec, int fd, bool completed) {
   auto ep = entry(rec.fid);
   Entry& e = *ep;
   std::lock_guard lk(e.mu);
-  if (e.path_fd < 0) e.path_fd = open(fd_path(fd).c_str(), O_PATH | O_CLOEXEC);
   e.unsaved = true;
   if (!e.valid) {
     // Load the saved tree as it was before this change (no fd: never build here, on the write
@@ -283,7 +281,6 @@ void HashIndex::with_tree(FileId fid, int fd, const std::function<void(const Fil
   if (e.tree.dirty()) {
     refresh(e, fd);
     e.unsaved = true;
-    if (e.path_fd < 0) e.path_fd = open(fd_path(fd).c_str(), O_PATH | O_CLOEXEC);
   }
   fn(e.tree);
 }
@@ -304,11 +301,6 @@ void HashIndex::forget(FileId fid) {
       entries_.erase(it);
     }
   }
-  if (ep) {
-    std::lock_guard lk(ep->mu);
-    if (ep->path_fd >= 0) close(ep->path_fd);
-    ep->path_fd = -1;
-  }
   FileHashTree::remove_saved(hashes_fd_, fid);
 }
 
@@ -320,11 +312,9 @@ void HashIndex::maybe_orphaned(FileId fid) {
     if (it == entries_.end()) return;
     ep = it->second;
   }
-  {
-    std::lock_guard lk(ep->mu);
-    struct stat st;
-    if (ep->path_fd >= 0 && fstat(ep->path_fd, &st) == 0 && st.st_nlink > 0) return;
-  }
+  Fd lease = files_.path(fid);
+  struct stat st;
+  if (lease && fstat(lease.get(), &st) == 0 && st.st_nlink > 0) return;
   forget(fid);
 }
 
@@ -333,11 +323,6 @@ void HashIndex::reset_all() {
   std::lock_guard cp(checkpoint_mu_);
   {
     std::lock_guard lk(map_mu_);
-    for (auto& [fid, e] : entries_) {
-      std::lock_guard el(e->mu);
-      if (e->path_fd >= 0) close(e->path_fd);
-      e->path_fd = -1;
-    }
     entries_.clear();
   }
   remove_saved_trees();
@@ -370,41 +355,71 @@ bool HashIndex::checkpoint() {
   for (auto& [fid, ep] : changed) {
     Entry& e = *ep;
     std::lock_guard el(e.mu);
-    if (e.path_fd < 0) continue;
+    if (files_.handle(fid).empty()) continue;  // not learnt yet (a copy in progress): next time
+    Fd lease = files_.path(fid);
     struct stat st;
-    if (fstat(e.path_fd, &st) != 0 || st.st_nlink == 0 || !S_ISREG(st.st_mode)) {
+    if (!lease || fstat(lease.get(), &st) != 0 || st.st_nlink == 0 || !S_ISREG(st.st_mode)) {
       gone.push_back(fid);  // unlinked for good: its tree has no use
       continue;
     }
     try {
-      ensure_valid(e, fid, e.path_fd);
-      if (e.tree.dirty()) refresh(e, e.path_fd);
-      e.tree.save(hashes_fd_, fid, durable_);
+      ensure_valid(e, fid, lease.get());
+      if (e.tree.dirty()) refresh(e, lease.get());
+      // An empty file's tree is rebuilt for free: saving one per empty file would cost a file
+      // (and a sync) for each of them. The others are synced all at once below.
+      if (e.tree.size() == 0) FileHashTree::remove_saved(hashes_fd_, fid);
+      else e.tree.save(hashes_fd_, fid, /*durable=*/false);
       e.unsaved = false;
-      close(e.path_fd);
-      e.path_fd = -1;
     } catch (const Error& err) {
       LOG_WARN("hash trees: %s", err.what());
       ok = false;
     }
   }
   for (FileId fid : gone) forget(fid);
+  // The saved trees are durable before the log forgets what they cover.
+  if (ok && durable_) {
+    if (int err = sync_data()) {
+      LOG_WARN("hash trees of %s: cannot sync the saved trees (%s); checkpoint postponed", data_path_.c_str(), strerror(err));
+      ok = false;
+    }
+  }
   if (ok) log_->end_checkpoint();
+  evict_clean();
   return ok;
 }
 
+// Trees that are saved and clean are reloaded when needed: keeping them all would make memory
+// grow with the number of files ever changed. Under the exclusive change lock no writer is
+// between before_change and after_change; an entry someone else holds is left alone.
+void HashIndex::evict_clean() {
+  std::unique_lock ck(change_mu_);
+  std::lock_guard lk(map_mu_);
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    Entry& e = *it->second;
+    std::unique_lock el(e.mu, std::try_to_lock);
+    if (el.owns_lock() && it->second.use_count() == 1 && !e.unsaved && !e.tree.dirty()) {
+      el.unlock();
+      it = entries_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 void HashIndex::refresh_dirty() {
-  std::vector<std::shared_ptr<Entry>> dirty;
+  std::vector<std::pair<FileId, std::shared_ptr<Entry>>> dirty;
   {
     std::lock_guard lk(map_mu_);
-    for (auto& [fid, e] : entries_) dirty.push_back(e);
+    for (auto& [fid, e] : entries_) dirty.emplace_back(fid, e);
   }
-  for (auto& ep : dirty) {
+  for (auto& [fid, ep] : dirty) {
     Entry& e = *ep;
     std::lock_guard el(e.mu);
-    if (!e.valid || !e.tree.dirty() || e.path_fd < 0) continue;
+    if (!e.valid || !e.tree.dirty()) continue;
+    Fd lease = files_.path(fid);
+    if (!lease) continue;  // gone: the next checkpoint drops it
     try {
-      refresh(e, e.path_fd);
+      refresh(e, lease.get());
     } catch (const Error& err) {
       LOG_DEBUG("hash trees: %s", err.what());  // gone: the next checkpoint drops it
     }

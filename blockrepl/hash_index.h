@@ -23,6 +23,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "blockrepl/files.h"
 #include "blockrepl/hash_tree.h"
 #include "blockrepl/record.h"
 
@@ -45,10 +46,11 @@ class HashIndex {
   // logged (FUSE writeback delivers a sequential writer's pages up to some MiB out of order).
   static constexpr uint64_t kSequentialLookback = 4;
 
-  // root_fd: the backing directory (O_PATH is fine); meta_fd: its metadata folder. Recovers
-  // after an unclean stop (syncs the data, rehashes logged extents, saves, clears the log).
-  // durable=false skips fsyncs (tests, --no-fsync slaves). Throws Error.
-  HashIndex(int root_fd, int meta_fd, std::string data_path, uint32_t block_size, bool durable = true);
+  // files: the registry through which files are reached (it holds no descriptor per file for
+  // the trees); root_fd: the backing directory (O_PATH is fine); meta_fd: its metadata folder.
+  // Recovers after an unclean stop (syncs the data, rehashes logged extents, saves, clears the
+  // log). durable=false skips fsyncs (tests, --no-fsync slaves). Throws Error.
+  HashIndex(FileRegistry& files, int root_fd, int meta_fd, std::string data_path, uint32_t block_size, bool durable = true);
   ~HashIndex();
   HashIndex(const HashIndex&) = delete;
   HashIndex& operator=(const HashIndex&) = delete;
@@ -102,17 +104,18 @@ class HashIndex {
     FileHashTree tree;
     bool valid = false;   // the tree describes the file (else build it from the data when needed)
     bool unsaved = false; // changed since it was last saved
-    int path_fd = -1;     // O_PATH of the file while unsaved, to reopen it at the checkpoint
     Entry(uint32_t bs, std::string label) : tree(bs, std::move(label)) {}
   };
   std::shared_ptr<Entry> entry(FileId fid);
   void ensure_valid(Entry& e, FileId fid, int fd);  // e.mu held
   void refresh(Entry& e, int fd);                    // e.mu held: rehashes its dirty blocks
   void remove_saved_trees();
+  void evict_clean();
   void recover();
   int sync_data();
   std::string label(FileId fid) const;
 
+  FileRegistry& files_;
   int root_fd_;
   int meta_fd_;
   std::string data_path_;

@@ -500,14 +500,11 @@ class FrameReader {
 // Every file id on the volume and in the park, as O_PATH descriptors that follow renames.
 class FidIndex {
  public:
-  ~FidIndex() { clear(); }
-  void clear() {
-    for (auto& [fid, fd] : fds_) close(fd);
-    fds_.clear();
-  }
+  explicit FidIndex(FileRegistry& files) : files_(files) {}
+  void clear() { handles_.clear(); }
   std::vector<FileId> ids() const {
     std::vector<FileId> out;
-    for (auto& [fid, fd] : fds_) out.push_back(fid);
+    for (auto& [fid, h] : handles_) out.push_back(fid);
     return out;
   }
   void scan(int dirfd, bool top) {
@@ -529,26 +526,26 @@ class FidIndex {
       auto fid = read_file_id(dirfd, name.c_str());
       if (fid) add(*fid, dirfd, name.c_str());
       if (is_dir) {
-        int sub = openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (sub >= 0) {
-          scan(sub, false);
-          close(sub);
-        }
+        OwnedFd sub(openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (sub) scan(sub.get(), false);
       }
     }
   }
   void add(FileId fid, int dirfd, const char* name) {
-    if (fds_.count(fid)) return;
-    int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (fd >= 0) fds_[fid] = fd;
+    if (handles_.count(fid)) return;
+    FileHandle h;
+    if (FileHandle::of(dirfd, name, &h) == 0) handles_.emplace(fid, std::move(h));
   }
-  int get(FileId fid) const {
-    auto it = fds_.find(fid);
-    return it == fds_.end() ? -1 : it->second;
+  // An O_PATH descriptor of the file, opened now (the index holds none: a tree of any size).
+  Fd get(FileId fid) const {
+    auto it = handles_.find(fid);
+    if (it == handles_.end()) return Fd();
+    return files_.open_handle(it->second, O_PATH);
   }
 
  private:
-  std::unordered_map<FileId, int> fds_;
+  FileRegistry& files_;
+  std::unordered_map<FileId, FileHandle> handles_;
 };
 
 struct StagedListing {
@@ -625,7 +622,7 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       }
     }
   }
-  FidIndex index;
+  FidIndex index(store.files());
   index.scan(root_fd, true);
   index.scan(park_fd, false);
   uint64_t counter = 0;
@@ -654,7 +651,8 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       }
       out.entries++;
       out.names.emplace_back(l.fid, e.name);
-      int have = index.get(e.fid);
+      Fd have_fd = index.get(e.fid);
+      const int have = have_fd.get();
       struct stat hs;
       if (have >= 0 && fstat(have, &hs) == 0 && (hs.st_mode & S_IFMT) == (e.mode & S_IFMT)) {
         if (S_ISDIR(e.mode)) {
@@ -704,9 +702,9 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
   // a crash from here on finishes it rather than exposing a mix).
   // Nothing may hold a parked file open, or its space would stay taken.
   index.clear();
-  FileTable& files = store.files();
+  FileRegistry& files = store.files();
   files.clear();
-  FidIndex parked;
+  FidIndex parked(store.files());
   parked.scan(park_fd, false);
   const std::vector<FileId> gone = parked.ids();
   parked.clear();

@@ -94,8 +94,9 @@ Hash128 NamespaceSnapshot::walk(int dirfd, const std::string& rel, FileId fid, H
         LOG_DEBUG("namespace: %s has no file id; left out", join_path(rel, name).c_str());
         continue;
       }
-      FileId nf = new_file_id();
-      if (write_file_id(dirfd, name.c_str(), nf) != 0) continue;
+      int err = 0;
+      FileId nf = assign_file_id(dirfd, name.c_str(), &err);
+      if (nf == kInvalidFileId) continue;
       id = nf;
     }
     NsEntryInfo e;

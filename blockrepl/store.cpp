@@ -61,15 +61,19 @@ Store::Store(int root_fd, bool track_files) : root_fd_(root_fd), track_files_(tr
 int Store::resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw) {
   t = given;
   if (t.path_fd < 0 && t.fd >= 0) t.path_fd = t.fd;
+  auto borrow = [&](Fd& lease, Fd fd) {
+    lease = std::move(fd);
+    return lease.get();
+  };
   if (rec.fid != kInvalidFileId) {
-    if (t.path_fd < 0) t.path_fd = files_.path_fd(rec.fid);
+    if (t.path_fd < 0) t.path_fd = borrow(t.leases[0], files_.path(rec.fid));
     if (need_rw && t.fd < 0) {
-      t.fd = files_.rw_fd(rec.fid);
+      t.fd = borrow(t.leases[1], files_.rw(rec.fid));
       if (t.fd < 0) return errno ? errno : ENOENT;
     }
   }
-  if (rec.parent != kInvalidFileId && t.parent_fd < 0) t.parent_fd = files_.path_fd(rec.parent);
-  if (rec.parent2 != kInvalidFileId && t.parent2_fd < 0) t.parent2_fd = files_.path_fd(rec.parent2);
+  if (rec.parent != kInvalidFileId && t.parent_fd < 0) t.parent_fd = borrow(t.leases[2], files_.path(rec.parent));
+  if (rec.parent2 != kInvalidFileId && t.parent2_fd < 0) t.parent2_fd = borrow(t.leases[3], files_.path(rec.parent2));
   return 0;
 }
 
@@ -296,7 +300,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
       return ok_or_errno(rc);
     }
     case Op::release:
-      if (track_files_) files_.release(rec.fid);
+      files_.release(rec.fid);
       if (hashes_) hashes_->maybe_orphaned(rec.fid);
       return 0;
     case Op::fsync: {
@@ -353,7 +357,7 @@ int Store::write_direct(int fd, const Record& rec) {
 
 void Store::maybe_orphaned(FileId fid) {
   if (fid == kInvalidFileId) return;
-  if (track_files_) files_.maybe_orphaned(fid);
+  files_.maybe_orphaned(fid, /*pin=*/track_files_);
   if (hashes_) hashes_->maybe_orphaned(fid);
 }
 
@@ -366,9 +370,9 @@ int Store::sync_all() {
 }
 
 FileId Store::entry_fid(FileId dir, const std::string& name) {
-  int dfd = files_.path_fd(dir);
-  if (dfd < 0 || !valid_name(name)) return kInvalidFileId;
-  return read_file_id(dfd, name.c_str()).value_or(kInvalidFileId);
+  Fd dfd = files_.path(dir);
+  if (!dfd || !valid_name(name)) return kInvalidFileId;
+  return read_file_id(dfd.get(), name.c_str()).value_or(kInvalidFileId);
 }
 
 // A replayed namespace record whose effect is already there still leaves its directories'
@@ -377,8 +381,8 @@ FileId Store::entry_fid(FileId dir, const std::string& name) {
 int Store::skip_replayed(const Record& rec) {
   if (!(rec.attr_valid & kAttrStampDirs) || !changes_directories(rec.op)) return 0;
   Targets t;
-  if (rec.parent != kInvalidFileId) t.parent_fd = files_.path_fd(rec.parent);
-  if (rec.parent2 != kInvalidFileId) t.parent2_fd = files_.path_fd(rec.parent2);
+  if (rec.parent != kInvalidFileId) t.parent_fd = (t.leases[2] = files_.path(rec.parent)).get();
+  if (rec.parent2 != kInvalidFileId) t.parent2_fd = (t.leases[3] = files_.path(rec.parent2)).get();
   Record dirs_only = rec;
   dirs_only.attr_valid = kAttrStampDirs;
   apply_stamps(dirs_only, t);  // best effort: a directory gone by now has no time to keep
@@ -392,37 +396,37 @@ int Store::apply_replayed(const Record& rec) {
     case Op::mkdir:
     case Op::symlink: {
       // The file exists already, possibly under another name by now: nothing to create.
-      if (files_.path_fd(rec.fid) >= 0) return skip_replayed(rec);
+      if (files_.path(rec.fid)) return skip_replayed(rec);
       FileId there = entry_fid(rec.parent, rec.name);
       if (there != kInvalidFileId) {
         // Already created (same id), or the name belongs to a later file: either way the
         // directory is past this record.
-        if (there == rec.fid) files_.add(rec.fid, files_.path_fd(rec.parent), rec.name.c_str());
+        if (there == rec.fid) files_.add(rec.fid, files_.path(rec.parent).get(), rec.name.c_str());
         return skip_replayed(rec);
       }
-      int pfd = files_.path_fd(rec.parent);
+      Fd pfd = files_.path(rec.parent);
       struct stat st;
-      if (pfd >= 0 && valid_name(rec.name) && fstatat(pfd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+      if (pfd && valid_name(rec.name) && fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
         // Created but not yet tagged when the daemon died: finish the job.
-        return apply_created(rec, pfd);
+        return apply_created(rec, pfd.get());
       }
       break;
     }
     case Op::link: {
       if (entry_fid(rec.parent, rec.name) != kInvalidFileId) return skip_replayed(rec);
-      if (files_.path_fd(rec.fid) < 0) return skip_replayed(rec);
+      if (!files_.path(rec.fid)) return skip_replayed(rec);
       break;
     }
     case Op::rename:
       if ((rec.flags & RENAME_WHITEOUT) && rec.fid != kInvalidFileId && entry_fid(rec.parent2, rec.name2) == rec.fid) {
         // Renamed already; the whiteout may have been left untagged when the daemon died.
-        int pfd = files_.path_fd(rec.parent);
+        Fd pfd = files_.path(rec.parent);
         struct stat st;
-        if (pfd >= 0 && valid_name(rec.name) && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
-            fstatat(pfd, rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == 0) {
-          if (int err = apply_whiteout(rec, pfd)) return err;
+        if (pfd && valid_name(rec.name) && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
+            fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == 0) {
+          if (int err = apply_whiteout(rec, pfd.get())) return err;
           const timespec ts[2] = {{0, UTIME_OMIT}, rec.mtime};
-          if ((rec.attr_valid & kAttrStampMtime) && utimensat(pfd, rec.name.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) return errno;
+          if ((rec.attr_valid & kAttrStampMtime) && utimensat(pfd.get(), rec.name.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) return errno;
         }
         return skip_replayed(rec);
       }
@@ -432,7 +436,7 @@ int Store::apply_replayed(const Record& rec) {
       if (skip_unless(rec.fid != kInvalidFileId && entry_fid(rec.parent, rec.name) == rec.fid)) return skip_replayed(rec);
       break;
     default:
-      if (rec.fid != kInvalidFileId && files_.path_fd(rec.fid) < 0) return 0;  // the file is gone by now
+      if (rec.fid != kInvalidFileId && !files_.path(rec.fid)) return 0;  // the file is gone by now
       break;
   }
   int err = apply(rec);

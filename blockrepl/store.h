@@ -1,13 +1,13 @@
 // The Store applies records to a backing directory. It is the one place where changes reach the
 // disk: the master applies the records it makes here, and a slave applies received records with
 // the same code. Callers that already hold descriptors for the files involved (the FUSE layer)
-// pass them in Targets; anything not given is resolved through the FileTable by FileId.
+// pass them in Targets; anything not given is resolved through the FileRegistry by FileId.
 #pragma once
 #include <sys/types.h>
 
 #include <atomic>
 
-#include "blockrepl/file_table.h"
+#include "blockrepl/files.h"
 #include "blockrepl/record.h"
 #include "blockrepl/writeback.h"
 
@@ -19,6 +19,7 @@ struct Targets {
   int parent_fd = -1;    // directory rec.parent
   int parent2_fd = -1;   // directory rec.parent2 (rename)
   size_t written = 0;    // set by the Store: bytes of a failed write that reached the file
+  Fd leases[4];          // set by the Store: descriptors it borrowed for the change
 };
 
 class HashIndex;
@@ -37,7 +38,7 @@ struct Stamps {
 class Store {
  public:
   // root_fd: the backing directory, opened O_PATH|O_DIRECTORY (not owned).
-  // track_files: keep the FileTable up to date with what is created. A master whose callers
+  // track_files: keep the FileRegistry up to date with what is created. A master whose callers
   // always pass descriptors does not need it; a node applying received records does.
   Store(int root_fd, bool track_files);
   void set_track_files(bool on) { track_files_ = on; }
@@ -68,7 +69,7 @@ class Store {
   // syncfs() of the backing file system (the root descriptor is O_PATH, which syncfs refuses).
   int sync_all();
 
-  FileTable& files() { return files_; }
+  FileRegistry& files() { return files_; }
   EarlyWriteback& writeback() { return writeback_; }
   int root_fd() const { return root_fd_; }
 
@@ -94,7 +95,7 @@ class Store {
 
   int root_fd_;
   bool track_files_;
-  FileTable files_;
+  FileRegistry files_;
   HashIndex* hashes_ = nullptr;
   EarlyWriteback writeback_;
   std::atomic<bool> direct_writes_{false};

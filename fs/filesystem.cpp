@@ -87,10 +87,7 @@ struct Filesystem::Impl : public CacheInvalidator {
   // The kernel's inode number for a file id, or 0 if the kernel does not know the file.
   fuse_ino_t ino_for(FileId fid) {
     if (fid == kRootFileId) return FUSE_ROOT_ID;
-    int fd = node.store().files().path_fd(fid);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0) return 0;
-    Inode* inode = inodes.find(st.st_dev, st.st_ino);
+    Inode* inode = inodes.find_fid(fid);
     if (!inode) return 0;
     return inode == inodes.root() ? FUSE_ROOT_ID : reinterpret_cast<fuse_ino_t>(inode);
   }
@@ -168,6 +165,24 @@ fuse_ino_t ino_of(Impl& fs, Inode* inode) {
   return inode == fs.inodes.root() ? FUSE_ROOT_ID : reinterpret_cast<fuse_ino_t>(inode);
 }
 
+// A descriptor of the inode (O_PATH) for the length of one operation, or an empty one with
+// errno set if the inode is gone: the registry's cached one while it names this very inode,
+// else opened from the inode's own handle.
+Fd path_of(Impl& fs, Inode& inode) {
+  if (inode.pinned) return inode.pinned;
+  FileRegistry& files = fs.node.store().files();
+  const FileId fid = inode.fid.load(std::memory_order_relaxed);
+  if (fid != kInvalidFileId && files.handle(fid) == inode.handle)
+    if (Fd fd = files.path(fid)) return fd;
+  return files.open_handle(inode.handle, O_PATH);
+}
+
+// The same opened for I/O (flags as for open(2)), owned by the caller.
+OwnedFd open_inode(Impl& fs, Inode& inode, int flags) {
+  if (inode.pinned) return OwnedFd(open(fd_path(inode.pinned.get()).c_str(), flags | O_CLOEXEC));
+  return fs.node.store().files().open_owned(inode.handle, flags);
+}
+
 // Root entries that are not part of the volume (see is_hidden_root_entry) are neither shown nor
 // made through the mount: a change inside the file system's own lost+found would be a record
 // that replicas, which keep a lost+found of their own, could not apply.
@@ -213,8 +228,9 @@ FileId ensure_file_id(Impl& fs, Inode& inode, int parent_fd, const char* name) {
   if (auto got = read_file_id(parent_fd, name)) {
     fid = *got;
   } else if (!fs.read_only.load(std::memory_order_relaxed)) {
-    fid = new_file_id();
-    if (int err = write_file_id(parent_fd, name, fid)) {
+    int err = 0;
+    fid = assign_file_id(parent_fd, name, &err);
+    if (fid == kInvalidFileId) {
       LOG_WARN("cannot give %s a file id: %s", name, strerror(err));
       return kInvalidFileId;
     }
@@ -222,7 +238,7 @@ FileId ensure_file_id(Impl& fs, Inode& inode, int parent_fd, const char* name) {
   } else {
     return kInvalidFileId;
   }
-  inode.fid.store(fid, std::memory_order_relaxed);
+  fs.inodes.set_fid(&inode, fid);
   return fid;
 }
 
@@ -238,16 +254,18 @@ int do_lookup(Impl& fs, fuse_ino_t parent, const char* name, fuse_entry_param* e
   e->entry_timeout = fs.cfg.timeout;
   if (is_hidden(parent, name)) return ENOENT;
   Inode& dir = parent == FUSE_ROOT_ID ? *fs.inodes.root() : *reinterpret_cast<Inode*>(parent);
-  int fd = openat(dir.fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) return errno;
-  if (int err = stat_inode(fd, &e->attr)) {
-    close(fd);
-    return err;
-  }
+  Fd dirfd = path_of(fs, dir);
+  if (!dirfd) return errno;
+  Fd fd(OwnedFd(openat(dirfd.get(), name, O_PATH | O_NOFOLLOW | O_CLOEXEC)));
+  if (!fd) return errno;
+  if (int err = stat_inode(fd.get(), &e->attr)) return err;
+  FileHandle handle;
+  if (int err = FileHandle::of(fd.get(), "", &handle)) return err;
   bool fresh = false;
-  Inode* inode = fs.inodes.acquire(fd, e->attr, &fresh);
+  Inode* inode = fs.inodes.acquire(handle, e->attr, &fresh);
   inode->mode.store(e->attr.st_mode, std::memory_order_relaxed);
-  ensure_file_id(fs, *inode, dir.fd, name);
+  if (FileId fid = ensure_file_id(fs, *inode, dirfd.get(), name); fid != kInvalidFileId && fresh)
+    fs.node.store().files().add_fd(fid, std::move(fd));  // keeps the descriptor while it is hot
   e->ino = ino_of(fs, inode);
   return 0;
 }
@@ -268,10 +286,25 @@ void set_new_owner(fuse_req_t req, Inode& dir, Record& rec) {
   rec.uid = ctx->uid;
   rec.gid = ctx->gid;
   struct stat st;
-  if (stat_inode(dir.fd, &st) == 0 && (st.st_mode & S_ISGID)) {
+  Fd dirfd = path_of(impl_of(req), dir);
+  if (dirfd && stat_inode(dirfd.get(), &st) == 0 && (st.st_mode & S_ISGID)) {
     rec.gid = st.st_gid;
     if (S_ISDIR(rec.mode)) rec.mode |= S_ISGID;
   }
+}
+
+// A change that cannot be answered is taken back, so that it leaves nothing behind: an entry made
+// but not looked up (no descriptor, say) would exist without the application knowing it.
+void undo_create(Impl& fs, Inode& dir, int dirfd, const char* name, FileId fid, bool is_dir) {
+  Record undo;
+  undo.op = is_dir ? Op::rmdir : Op::unlink;
+  undo.parent = dir.fid;
+  undo.name = name;
+  undo.fid = fid;
+  Targets t;
+  t.parent_fd = dirfd;
+  if (int err = fs.node.submit(undo, t))
+    LOG_WARN("cannot take back %s after a failed create: %s", name, strerror(err));
 }
 
 // Creates an entry of any type through the Node and answers with its entry.
@@ -284,18 +317,21 @@ void make_entry(fuse_req_t req, fuse_ino_t parent, const char* name, Record& rec
   rec.name = name;
   rec.fid = new_file_id();
   set_new_owner(req, dir, rec);
+  Fd dirfd = path_of(fs, dir);
+  if (!dirfd) return (void)fuse_reply_err(req, errno);
   Targets t;
-  t.parent_fd = dir.fd;
+  t.parent_fd = dirfd.get();
   if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
   fuse_entry_param e;
-  if (int err = do_lookup(fs, parent, name, &e)) return (void)fuse_reply_err(req, err);
+  if (int err = do_lookup(fs, parent, name, &e)) {
+    undo_create(fs, dir, dirfd.get(), name, rec.fid, S_ISDIR(rec.mode));
+    return (void)fuse_reply_err(req, err);
+  }
   fuse_reply_entry(req, &e);
 }
 
 // A descriptor to change a file that the caller did not open (truncate(path), say).
-int open_for_change(Inode& inode, int flags) {
-  return open(fd_path(inode.fd).c_str(), flags | O_CLOEXEC);
-}
+OwnedFd open_for_change(Impl& fs, Inode& inode, int flags) { return open_inode(fs, inode, flags); }
 
 // --- privileges ------------------------------------------------------------------------------
 
@@ -308,7 +344,9 @@ int open_for_change(Inode& inode, int flags) {
 // - file capabilities (security.capability): on every write, by anyone, as on ext4.
 int drop_set_id_bits(Impl& fs, Inode& inode, fuse_ino_t ino) {
   struct stat st;
-  if (int err = stat_inode(inode.fd, &st)) return err;  // the cached mode may be stale
+  Fd ifd = path_of(fs, inode);
+  if (!ifd) return errno;
+  if (int err = stat_inode(ifd.get(), &st)) return err;  // the cached mode may be stale
   uint32_t kill = st.st_mode & S_ISUID;
   if ((st.st_mode & S_ISGID) && (st.st_mode & S_IXGRP)) kill |= S_ISGID;
   if (!kill || !S_ISREG(st.st_mode)) return 0;
@@ -318,7 +356,7 @@ int drop_set_id_bits(Impl& fs, Inode& inode, fuse_ino_t ino) {
   rec.attr_valid = kAttrMode;
   rec.mode = st.st_mode & 07777 & ~kill;
   Targets t;
-  t.path_fd = inode.fd;
+  t.path_fd = ifd.get();
   if (int err = fs.node.submit(rec, t)) return err;
   inode.mode.store((st.st_mode & S_IFMT) | rec.mode, std::memory_order_relaxed);
   fs.defer_attr_invalidation(ino);  // the kernel still caches the old mode
@@ -327,13 +365,15 @@ int drop_set_id_bits(Impl& fs, Inode& inode, fuse_ino_t ino) {
 
 int drop_capabilities_on_write(Impl& fs, Inode& inode) {
   if (inode.known_no_caps.load(std::memory_order_relaxed)) return 0;
-  if (getxattr(fd_path(inode.fd).c_str(), kCapsXattr, nullptr, 0) >= 0) {
+  Fd ifd = path_of(fs, inode);
+  if (!ifd) return errno;
+  if (getxattr(fd_path(ifd.get()).c_str(), kCapsXattr, nullptr, 0) >= 0) {
     Record rec;
     rec.op = Op::removexattr;
     rec.fid = inode.fid;
     rec.name = kCapsXattr;
     Targets t;
-    t.path_fd = inode.fd;
+    t.path_fd = ifd.get();
     if (int err = fs.node.submit(rec, t)) return err;
   }
   inode.known_no_caps.store(true, std::memory_order_relaxed);
@@ -412,7 +452,9 @@ void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
 void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   struct stat st;
   Inode& inode = inode_of(req, ino);
-  if (int err = stat_inode(inode.fd, &st)) return (void)fuse_reply_err(req, err);
+  Fd ifd = path_of(impl_of(req), inode);
+  if (!ifd) return (void)fuse_reply_err(req, errno);
+  if (int err = stat_inode(ifd.get(), &st)) return (void)fuse_reply_err(req, err);
   inode.mode.store(st.st_mode, std::memory_order_relaxed);
   fuse_reply_attr(req, &st, impl_of(req).cfg.timeout);
 }
@@ -421,8 +463,10 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
   if (refuse_if_read_only(req)) return;
   Impl& fs = impl_of(req);
   Inode& inode = inode_of(req, ino);
+  Fd ifd = path_of(fs, inode);
+  if (!ifd) return (void)fuse_reply_err(req, errno);
   Targets t;
-  t.path_fd = inode.fd;
+  t.path_fd = ifd.get();
   if (fi) t.fd = static_cast<int>(fi->fh);
 
   Record rec;
@@ -451,14 +495,13 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
     tr.fid = inode.fid;
     tr.offset = static_cast<uint64_t>(attr->st_size);
     Targets tt = t;
-    int tmp = -1;
+    OwnedFd tmp;
     if (tt.fd < 0) {
-      tmp = open_for_change(inode, O_WRONLY);
-      if (tmp < 0) return (void)fuse_reply_err(req, errno);
-      tt.fd = tmp;
+      tmp = open_for_change(fs, inode, O_WRONLY);
+      if (!tmp) return (void)fuse_reply_err(req, errno);
+      tt.fd = tmp.get();
     }
     int err = fs.node.submit(tr, tt);
-    if (tmp >= 0) close(tmp);
     if (err) return (void)fuse_reply_err(req, err);
     // A size change drops privileges as a write does; the kernel asks for the set-id bits only
     // when the caller lacks CAP_FSETID (FATTR_KILL_SUIDGID, which libfuse passes as KILL_SUID).
@@ -474,7 +517,9 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
 
 void op_readlink(fuse_req_t req, fuse_ino_t ino) {
   char buf[PATH_MAX + 1];
-  ssize_t n = readlinkat(inode_of(req, ino).fd, "", buf, sizeof buf);
+  Fd ifd = path_of(impl_of(req), inode_of(req, ino));
+  if (!ifd) return (void)fuse_reply_err(req, errno);
+  ssize_t n = readlinkat(ifd.get(), "", buf, sizeof buf);
   if (n < 0) return (void)fuse_reply_err(req, errno);
   if (n == sizeof buf) return (void)fuse_reply_err(req, ENAMETOOLONG);
   buf[n] = '\0';
@@ -515,9 +560,11 @@ void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* n
   rec.fid = inode.fid;
   rec.parent = dir.fid;
   rec.name = newname;
+  Fd ifd = path_of(fs, inode), dirfd = path_of(fs, dir);
+  if (!ifd || !dirfd) return (void)fuse_reply_err(req, errno);
   Targets t;
-  t.path_fd = inode.fd;
-  t.parent_fd = dir.fd;
+  t.path_fd = ifd.get();
+  t.parent_fd = dirfd.get();
   if (int err = fs.node.submit(rec, t)) return (void)fuse_reply_err(req, err);
   fuse_entry_param e;
   if (int err = do_lookup(fs, newparent, newname, &e)) return (void)fuse_reply_err(req, err);
@@ -533,10 +580,12 @@ void remove_entry(fuse_req_t req, fuse_ino_t parent, const char* name, Op op) {
   rec.op = op;
   rec.parent = dir.fid;
   rec.name = name;
+  Fd dirfd = path_of(fs, dir);
+  if (!dirfd) return (void)fuse_reply_err(req, errno);
   // The victim's id lets a replica release what it holds for it.
-  rec.fid = read_file_id(dir.fd, name).value_or(kInvalidFileId);
+  rec.fid = read_file_id(dirfd.get(), name).value_or(kInvalidFileId);
   Targets t;
-  t.parent_fd = dir.fd;
+  t.parent_fd = dirfd.get();
   fuse_reply_err(req, fs.node.submit(rec, t));
 }
 
@@ -560,16 +609,18 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
     set_new_owner(req, dir, rec);
     rec.mode = 0;
   }
+  Fd dirfd = path_of(fs, dir), dir2fd = path_of(fs, dir2);
+  if (!dirfd || !dir2fd) return (void)fuse_reply_err(req, errno);
   rec.op = Op::rename;
-  rec.fid = read_file_id(dir.fd, name).value_or(kInvalidFileId);  // lets a replica check it renames the same file
+  rec.fid = read_file_id(dirfd.get(), name).value_or(kInvalidFileId);  // lets a replica check it renames the same file
   rec.parent = dir.fid;
   rec.name = name;
   rec.parent2 = dir2.fid;
   rec.name2 = newname;
   rec.flags = flags;
   Targets t;
-  t.parent_fd = dir.fd;
-  t.parent2_fd = dir2.fd;
+  t.parent_fd = dirfd.get();
+  t.parent2_fd = dir2fd.get();
   fuse_reply_err(req, fs.node.submit(rec, t));
 }
 
@@ -589,7 +640,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   if (fs.read_only.load(std::memory_order_relaxed) && (fi->flags & O_ACCMODE) != O_RDONLY) return (void)fuse_reply_err(req, EROFS);
   if (fs.read_only.load(std::memory_order_relaxed) && (fi->flags & O_TRUNC)) return (void)fuse_reply_err(req, EROFS);
   Inode& inode = inode_of(req, ino);
-  int fd = open(fd_path(inode.fd).c_str(), backing_open_flags(fi->flags));
+  int fd = open_inode(fs, inode, backing_open_flags(fi->flags)).release();
   if (fd < 0) return (void)fuse_reply_err(req, errno);
   if (fi->flags & O_TRUNC) {
     // Only reached if the kernel passed O_TRUNC through; it normally sends a setattr instead.
@@ -622,21 +673,24 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
   rec.name = name;
   rec.fid = new_file_id();
   set_new_owner(req, dir, rec);
+  Fd dirfd = path_of(fs, dir);
+  if (!dirfd) return (void)fuse_reply_err(req, errno);
   Targets t;
-  t.parent_fd = dir.fd;
+  t.parent_fd = dirfd.get();
   int err = fs.node.submit(rec, t);
+  const bool created = err == 0;
   if (err == EEXIST && !(fi->flags & O_EXCL)) err = 0;  // lost a race with another creator: open it
   if (err) return (void)fuse_reply_err(req, err);
-  int fd = openat(dir.fd, name, backing_open_flags(fi->flags));
-  if (fd < 0) return (void)fuse_reply_err(req, errno);
+  OwnedFd fd(openat(dirfd.get(), name, backing_open_flags(fi->flags)));
   fuse_entry_param e;
-  if ((err = do_lookup(fs, parent, name, &e))) {
-    close(fd);
+  if (!fd || (err = do_lookup(fs, parent, name, &e))) {
+    if (!fd) err = errno;
+    if (created) undo_create(fs, dir, dirfd.get(), name, rec.fid, false);
     return (void)fuse_reply_err(req, err);
   }
-  fi->fh = static_cast<uint64_t>(fd);
+  fi->fh = static_cast<uint64_t>(fd.release());
   fi->keep_cache = 1;
-  if (fuse_reply_create(req, &e, fi) == -ENOENT) close(fd);
+  if (fuse_reply_create(req, &e, fi) == -ENOENT) close(static_cast<int>(fi->fh));
 }
 
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
@@ -712,7 +766,12 @@ void sync_inode(fuse_req_t req, Inode& inode, int fd, bool datasync) {
   rec.flags = datasync ? kDataSync : 0;
   Targets t;
   t.fd = fd;
-  t.path_fd = inode.fd;
+  Fd ifd;
+  if (fd < 0) {  // syncfs, or a file synced without an open handle
+    ifd = path_of(fs, inode);
+    if (!ifd) return (void)fuse_reply_err(req, errno);
+    t.path_fd = ifd.get();
+  }
   fuse_reply_err(req, fs.node.barrier(rec, t));
 }
 
@@ -734,7 +793,7 @@ DirHandle* dir_handle(fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(
 void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Inode& inode = inode_of(req, ino);
   auto d = std::make_unique<DirHandle>();
-  int fd = openat(inode.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int fd = open_inode(impl_of(req), inode, O_RDONLY | O_DIRECTORY).release();
   if (fd < 0) return (void)fuse_reply_err(req, errno);
   d->dp = fdopendir(fd);
   if (!d->dp) {
@@ -826,7 +885,8 @@ void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* f
 
 void op_statfs(fuse_req_t req, fuse_ino_t ino) {
   struct statvfs sv;
-  if (fstatvfs(inode_of(req, ino).fd, &sv) != 0) return (void)fuse_reply_err(req, errno);
+  Fd ifd = path_of(impl_of(req), inode_of(req, ino));
+  if (!ifd || fstatvfs(ifd.get(), &sv) != 0) return (void)fuse_reply_err(req, errno);
   fuse_reply_statfs(req, &sv);
 }
 
@@ -856,7 +916,9 @@ void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) 
   if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENODATA);  // user xattrs are not allowed on links
   const bool caps = strcmp(name, kCapsXattr) == 0;
   if (caps && inode.known_no_caps.load(std::memory_order_relaxed)) return (void)fuse_reply_err(req, ENODATA);
-  std::string p = fd_path(inode.fd);
+  Fd ifd = path_of(impl_of(req), inode);
+  if (!ifd) return (void)fuse_reply_err(req, errno);
+  std::string p = fd_path(ifd.get());
   if (size == 0) {
     ssize_t n = getxattr(p.c_str(), name, nullptr, 0);
     if (n < 0) {
@@ -876,7 +938,9 @@ void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) 
 
 void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
   Inode& inode = inode_of(req, ino);
-  std::string p = fd_path(inode.fd);
+  Fd ifd = path_of(impl_of(req), inode);
+  if (!ifd) return (void)fuse_reply_err(req, errno);
+  std::string p = fd_path(ifd.get());
   std::vector<char> raw;
   ssize_t n = 0;
   if (inode.type != S_IFLNK) {
@@ -913,8 +977,10 @@ void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* v
   rec.name = name;
   rec.data = std::string_view(value, size);
   rec.flags = static_cast<uint32_t>(flags);
+  Fd ifd = path_of(impl_of(req), inode);
+  if (!ifd) return (void)fuse_reply_err(req, errno);
   Targets t;
-  t.path_fd = inode.fd;
+  t.path_fd = ifd.get();
   fuse_reply_err(req, impl_of(req).node.submit(rec, t));
 }
 
@@ -927,8 +993,10 @@ void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
   rec.op = Op::removexattr;
   rec.fid = inode.fid;
   rec.name = name;
+  Fd ifd = path_of(impl_of(req), inode);
+  if (!ifd) return (void)fuse_reply_err(req, errno);
   Targets t;
-  t.path_fd = inode.fd;
+  t.path_fd = ifd.get();
   fuse_reply_err(req, impl_of(req).node.submit(rec, t));
 }
 
@@ -1004,15 +1072,18 @@ fuse_lowlevel_ops make_ops() {
 Filesystem::Filesystem(Node& node, MountConfig cfg) : node_(node), cfg_(std::move(cfg)) {
   impl_ = new Impl(node_, cfg_);
   auto root = std::make_unique<Inode>();
-  root->fd = open(node_.data_path().c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
-  if (root->fd < 0) throw_errno("cannot open data directory " + node_.data_path(), errno);
+  root->pinned = Fd(OwnedFd(open(node_.data_path().c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC)));
+  if (!root->pinned) throw_errno("cannot open data directory " + node_.data_path(), errno);
   struct stat st;
-  if (fstat(root->fd, &st) != 0) throw_errno("cannot stat data directory " + node_.data_path(), errno);
+  if (fstat(root->pinned.get(), &st) != 0) throw_errno("cannot stat data directory " + node_.data_path(), errno);
+  FileHandle::of(root->pinned.get(), "", &root->handle);
   root->src_dev = st.st_dev;
   root->src_ino = st.st_ino;
   root->type = S_IFDIR;
   root->fid = kRootFileId;
   impl_->inodes.set_root(std::move(root));
+  FileRegistry& files = node_.store().files();
+  impl_->inodes.set_opener([&files](const FileHandle& h) { return files.open_handle(h, O_PATH); });
 }
 
 Filesystem::~Filesystem() {

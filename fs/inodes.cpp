@@ -5,27 +5,25 @@
 
 namespace blockrepl::fs {
 
-Inode::~Inode() {
-  if (fd >= 0) close(fd);
+InodeTable::Key InodeTable::key_of(dev_t dev, const FileHandle& h) {
+  return {dev, std::to_string(h.type) + ":" + h.bytes};
 }
 
-Inode* InodeTable::acquire(int fd, const struct stat& st, bool* fresh) {
+Inode* InodeTable::acquire(const FileHandle& handle, const struct stat& st, bool* fresh) {
   std::lock_guard lk(mu_);
   if (root_ && root_->src_ino == st.st_ino && root_->src_dev == st.st_dev) {
-    close(fd);
     *fresh = false;
     return root_.get();  // the root is never forgotten; its count does not matter
   }
-  auto key = std::make_pair(st.st_dev, st.st_ino);
+  auto key = key_of(st.st_dev, handle);
   auto it = inodes_.find(key);
   if (it != inodes_.end()) {
-    close(fd);
     it->second->nlookup++;
     *fresh = false;
     return it->second.get();
   }
   auto inode = std::make_unique<Inode>();
-  inode->fd = fd;
+  inode->handle = handle;
   inode->src_dev = st.st_dev;
   inode->src_ino = st.st_ino;
   inode->type = st.st_mode & S_IFMT;
@@ -44,18 +42,29 @@ FileId InodeTable::forget(Inode* inode, uint64_t n) {
     inode->nlookup -= n;
     return kInvalidFileId;
   }
-  struct stat st;
-  const FileId nameless = inode->type == S_IFREG && fstat(inode->fd, &st) == 0 && st.st_nlink == 0 ? inode->fid.load()
-                                                                                                    : kInvalidFileId;
-  inodes_.erase(std::make_pair(inode->src_dev, inode->src_ino));
+  FileId nameless = kInvalidFileId;
+  if (inode->type == S_IFREG) {
+    // A handle of an inode nobody holds any more no longer opens (ESTALE): that, too, is nameless.
+    Fd fd = opener_ ? opener_(inode->handle) : Fd();
+    struct stat st;
+    if (!fd || (fstat(fd.get(), &st) == 0 && st.st_nlink == 0)) nameless = inode->fid.load();
+  }
+  if (auto f = by_fid_.find(inode->fid.load()); f != by_fid_.end() && f->second == inode) by_fid_.erase(f);
+  inodes_.erase(key_of(inode->src_dev, inode->handle));
   return nameless;
 }
 
-Inode* InodeTable::find(dev_t dev, ino_t ino) {
+
+void InodeTable::set_fid(Inode* inode, FileId fid) {
   std::lock_guard lk(mu_);
-  if (root_ && root_->src_ino == ino && root_->src_dev == dev) return root_.get();
-  auto it = inodes_.find(std::make_pair(dev, ino));
-  return it == inodes_.end() ? nullptr : it->second.get();
+  inode->fid.store(fid, std::memory_order_relaxed);
+  if (fid != kInvalidFileId) by_fid_[fid] = inode;
+}
+
+Inode* InodeTable::find_fid(FileId fid) {
+  std::lock_guard lk(mu_);
+  auto it = by_fid_.find(fid);
+  return it == by_fid_.end() ? nullptr : it->second;
 }
 
 size_t InodeTable::size() {

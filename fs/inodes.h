@@ -1,7 +1,10 @@
-// The FUSE inode table: one Inode per backing inode that the kernel knows, holding an O_PATH
-// descriptor (so operations never resolve paths again) and the file's stable FileId.
+// The FUSE inode table: one Inode per backing inode that the kernel knows, holding the inode's
+// kernel file handle (so operations never resolve paths again, and no descriptor is held per
+// inode: the kernel may know hundreds of thousands) and the file's stable FileId. Descriptors
+// come from the file registry for the length of an operation.
 #pragma once
 #include <atomic>
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -10,12 +13,16 @@
 #include <utility>
 #include <vector>
 
+#include <unordered_map>
+
+#include "blockrepl/files.h"
 #include "blockrepl/record.h"
 
 namespace blockrepl::fs {
 
 struct Inode {
-  int fd = -1;  // O_PATH|O_NOFOLLOW descriptor of the backing inode
+  FileHandle handle;  // the backing inode
+  Fd pinned;          // the root only: its descriptor, held for the daemon's life
   dev_t src_dev = 0;
   ino_t src_ino = 0;
   mode_t type = 0;  // S_IFMT bits
@@ -28,18 +35,21 @@ struct Inode {
   // Buffered writes to one backing file serialise on its inode lock anyway; waiting here (asleep)
   // instead of in the kernel (spinning on the lock's owner) leaves the CPU to the writer.
   std::mutex write_mu;
-  ~Inode();
 };
 
 class InodeTable {
  public:
-  // Takes ownership of fd. Returns the inode for (dev, ino), creating it, with nlookup + 1.
-  // `fresh` tells whether the inode was created (then fd is kept) or found (fd is closed).
-  Inode* acquire(int fd, const struct stat& st, bool* fresh);
+  // Returns the inode for (dev, ino), creating it with `handle`, with nlookup + 1. `fresh` tells
+  // whether the inode was created.
+  Inode* acquire(const FileHandle& handle, const struct stat& st, bool* fresh);
+  // Records the inode's file id (once known) so that find_fid can answer.
+  void set_fid(Inode* inode, FileId fid);
+  Inode* find_fid(FileId fid);
   // Drops n lookups; frees the inode when none remain. Returns the file id of a regular file
   // freed with no name left (the kernel let go of an unlinked file), else kInvalidFileId.
   FileId forget(Inode* inode, uint64_t n);
-  Inode* find(dev_t dev, ino_t ino);
+  // How to open a handle (the file registry's), to tell at forget() whether a file lost its name.
+  void set_opener(std::function<Fd(const FileHandle&)> opener) { opener_ = std::move(opener); }
   void set_root(std::unique_ptr<Inode> root) { root_ = std::move(root); }
   Inode* root() const { return root_.get(); }
   size_t size();
@@ -48,7 +58,14 @@ class InodeTable {
 
  private:
   std::mutex mu_;
-  std::map<std::pair<dev_t, ino_t>, std::unique_ptr<Inode>> inodes_;
+  // Keyed by the handle, not the inode number: a file system reuses the number of a deleted inode
+  // (nothing holds it open any more) while the kernel may still know the old one; the handle's
+  // generation tells them apart.
+  using Key = std::pair<dev_t, std::string>;
+  static Key key_of(dev_t dev, const FileHandle& h);
+  std::map<Key, std::unique_ptr<Inode>> inodes_;
+  std::unordered_map<FileId, Inode*> by_fid_;
+  std::function<Fd(const FileHandle&)> opener_;
   std::unique_ptr<Inode> root_;
 };
 

@@ -29,4 +29,16 @@ inline std::vector<std::string> deleted_files_held(pid_t pid, const std::string&
   return out;
 }
 
+// How many descriptors process `pid` holds (-1 if /proc/PID/fd cannot be listed).
+inline int open_descriptors(pid_t pid) {
+  const std::string fds = "/proc/" + std::to_string(pid) + "/fd";
+  DIR* d = opendir(fds.c_str());
+  if (!d) return -1;
+  int n = 0;
+  while (dirent* de = readdir(d))
+    if (de->d_name[0] != '.') n++;
+  closedir(d);
+  return n - 1;  // the listing's own descriptor
+}
+
 }  // namespace blockrepl::testing

@@ -134,7 +134,7 @@ void scan_into(const std::string& root, const std::string& rel, bool with_fid, s
   while (dirent* de = readdir(d)) {
     std::string n = de->d_name;
     if (n == "." || n == "..") continue;
-    if (rel.empty() && n == kMetaDir) continue;
+    if (rel.empty() && (n == kMetaDir || (n == "lost+found" && de->d_type == DT_DIR))) continue;  // not the volume's
     names.push_back(n);
   }
   closedir(d);

@@ -66,7 +66,7 @@ struct Volume {
     close(root_fd);
   }
   void open_hashes() {
-    hashes = std::make_unique<HashIndex>(root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
+    hashes = std::make_unique<HashIndex>(store->files(), root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
     store->set_hashes(hashes.get());
   }
   // Drops the index without saving (as SIGKILL would), then opens it again.

@@ -134,7 +134,7 @@ TEST_F(NodeTest, ConstructorCreatesMetadataFolderAndTagsRoot) {
   EXPECT_EQ(node.identity().node_id, identity_on_disk().node_id);
   EXPECT_EQ(node.data_path(), data_);
   // The root resolves through the store.
-  EXPECT_GE(node.store().files().path_fd(kRootFileId), 0);
+  EXPECT_GE(node.store().files().path(kRootFileId).get(), 0);
 }
 
 TEST_F(NodeTest, ReopenKeepsIdentityAndRootTag) {

@@ -52,7 +52,7 @@ struct Volume {
     close(root_fd);
   }
   void open_hashes() {
-    hashes = std::make_unique<HashIndex>(root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
+    hashes = std::make_unique<HashIndex>(store->files(), root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
     store->set_hashes(hashes.get());
   }
   // Drops the index without saving (as SIGKILL would), then opens it again: it recovers from
@@ -206,7 +206,7 @@ TEST(RenameWhiteout, LeavesATaggedOwnedWhiteoutAndReplaysIdempotently) {
   EXPECT_EQ(st.st_mtim.tv_sec, 1200000000) << "the master's mtime";
   EXPECT_EQ(read_file_id(v.root_fd, "a"), w);
   EXPECT_EQ(read_file_id(v.root_fd, "b"), f);
-  EXPECT_GE(v.store->files().path_fd(w), 0) << "the whiteout is not in the file table";
+  EXPECT_GE(v.store->files().path(w).get(), 0) << "the whiteout is not in the file table";
 
   // Replayed (a re-attach resends it): nothing changes.
   ASSERT_EQ(v.store->apply_replayed(r), 0);

@@ -1,5 +1,5 @@
 // Store driven purely by records, as a slave applies them: no Targets, every file resolved by
-// FileId through the Store's FileTable. Results are checked with plain syscalls on the backing
+// FileId through the Store's FileRegistry. Results are checked with plain syscalls on the backing
 // directory.
 #include <gtest/gtest.h>
 
@@ -443,9 +443,9 @@ TEST_F(StoreTest, CreateMkdirSymlinkMakeEntriesWithOwnersModesAndFileIds) {
   EXPECT_EQ(fid_at(p("dir/file")), kF1);
   EXPECT_EQ(fid_at(p("dir/link")), kL1);  // the symlink's own id, not its target's
   // The store learnt them all.
-  EXPECT_GE(store().files().path_fd(kD1), 0);
-  EXPECT_GE(store().files().path_fd(kF1), 0);
-  EXPECT_GE(store().files().path_fd(kL1), 0);
+  EXPECT_GE(store().files().path(kD1).get(), 0);
+  EXPECT_GE(store().files().path(kF1).get(), 0);
+  EXPECT_GE(store().files().path(kL1).get(), 0);
 }
 
 TEST_F(StoreTest, CreateKeepsFileTypeBitsOfRecord) {
@@ -898,12 +898,12 @@ TEST_F(StoreTest, ReleaseClosesANamelessFileAndLeavesNamedOnesAlone) {
   ASSERT_EQ(apply(R.link(kF2, kRootFileId, "c")), 0);
   ASSERT_EQ(apply(R.unlink(kRootFileId, "a", kF1)), 0);
   ASSERT_EQ(apply(R.unlink(kRootFileId, "b", kF2)), 0);
-  EXPECT_GE(store().files().path_fd(kF1), 0) << "an unlinked file must stay reachable until released";
+  EXPECT_GE(store().files().path(kF1).get(), 0) << "an unlinked file must stay reachable until released";
   ASSERT_EQ(apply(R.release(kF1)), 0);
-  EXPECT_EQ(store().files().path_fd(kF1), -1) << "a released, nameless file is still held open";
+  EXPECT_EQ(store().files().path(kF1).get(), -1) << "a released, nameless file is still held open";
   // kF2 still has the name "c": a release (a handle of it closed) changes nothing.
   ASSERT_EQ(apply(R.release(kF2)), 0);
-  ASSERT_GE(store().files().path_fd(kF2), 0);
+  ASSERT_GE(store().files().path(kF2).get(), 0);
   ASSERT_EQ(apply(R.write(kF2, 0, "kept")), 0);
   EXPECT_EQ(slurp(p("c")), "kept");
   // Records for the released file are refused cleanly; replayed ones are skipped.
@@ -1005,9 +1005,9 @@ TEST_F(StoreTest, HostileNamesAreRefusedAndNothingOutsideTheRootIsTouched) {
   EXPECT_TRUE(same_trees(outside_before, snapshot(tmp_.path)));
   EXPECT_EQ(slurp(outside_ + "/secret"), "secret");
   // The refused records did not teach the store any of their ids.
-  EXPECT_EQ(store().files().path_fd(kF2), -1);
-  EXPECT_EQ(store().files().path_fd(kD2), -1);
-  EXPECT_EQ(store().files().path_fd(kL1), -1);
+  EXPECT_EQ(store().files().path(kF2).get(), -1);
+  EXPECT_EQ(store().files().path(kD2).get(), -1);
+  EXPECT_EQ(store().files().path(kL1).get(), -1);
 }
 
 TEST_F(StoreTest, LongestValidNameIsAccepted) {
@@ -1095,14 +1095,14 @@ TEST_F(StoreTest, StoreWithoutTrackingDoesNotLearnCreatedFiles) {
   store().set_track_files(false);
   ASSERT_EQ(apply(R.create(kRootFileId, "f", kF1)), 0);
   EXPECT_EQ(fid_at(p("f")), kF1);  // the id is still written to the file
-  EXPECT_EQ(store().files().path_fd(kF1), -1);
+  EXPECT_EQ(store().files().path(kF1).get(), -1);
   EXPECT_ERRNO(ENOENT, apply(R.write(kF1, 0, "x")));
   store().set_track_files(true);
   ASSERT_EQ(apply(R.create(kRootFileId, "g", kF2)), 0);
   EXPECT_ERRNO(0, apply(R.write(kF2, 0, "x")));
 }
 
-// More files than the FileTable keeps read-write descriptors for (1024): every write still
+// More files than the FileRegistry keeps read-write descriptors for (1024): every write still
 // lands in its own file, and descriptors stay bounded.
 TEST_F(StoreTest, ManyFilesBeyondRwDescriptorBoundStillApply) {
   constexpr int kFiles = 1100;
@@ -1148,8 +1148,8 @@ TEST_F(StoreTest, CreateThatCannotBeTrackedIsNotReportedAsPlainSuccess) {
   setrlimit(RLIMIT_NOFILE, &old);
 
   if (rc == 0) {
-    EXPECT_GE(store().files().path_fd(kF1), 0)
-        << "create returned 0 but the FileTable does not know the new file (FileTable::add failed with EMFILE)";
+    EXPECT_GE(store().files().path(kF1).get(), 0)
+        << "create returned 0 but the FileRegistry does not know the new file (FileRegistry::add failed with EMFILE)";
     EXPECT_ERRNO(0, apply(R.write(kF1, 0, "x")));
   } else {
     SUCCEED() << "create reported " << errname(rc);
@@ -1267,7 +1267,7 @@ TEST(StoreReplica, RandomRecordSequenceGivesSameResultsAndIdenticalTrees) {
     return s;
   };
   auto victim_of = [&](FileId parent, const std::string& name) -> FileId {
-    int pfd = a.store->files().path_fd(parent);
+    int pfd = a.store->files().path(parent).get();
     if (pfd < 0) return 0;
     return read_file_id(pfd, name.c_str()).value_or(0);
   };
@@ -1359,7 +1359,7 @@ TEST_F(StoreReplayTest, ReplayedCreateMkdirSymlinkAreIdempotent) {
   EXPECT_EQ(slurp(p("d/f")), "data");
 }
 
-// After a restart the FileTable is empty until scanned; a replayed create of a file that is
+// After a restart the FileRegistry is empty until scanned; a replayed create of a file that is
 // already there teaches the table its id, so the records after it apply.
 TEST_F(StoreReplayTest, ReplayedCreateAfterRestartRelearnsTheFile) {
   ASSERT_EQ(apply(R.mkdir(kRootFileId, "d", kD1)), 0);
@@ -1370,8 +1370,8 @@ TEST_F(StoreReplayTest, ReplayedCreateAfterRestartRelearnsTheFile) {
   ASSERT_EQ(replay(R.create(kD1, "f", kF1)), 0);
   ASSERT_EQ(replay(R.write(kF1, 0, "new")), 0);
   EXPECT_EQ(slurp(p("d/f")), "new");
-  EXPECT_GE(store().files().path_fd(kD1), 0);
-  EXPECT_GE(store().files().path_fd(kF1), 0);
+  EXPECT_GE(store().files().path(kD1).get(), 0);
+  EXPECT_GE(store().files().path(kF1).get(), 0);
 }
 
 TEST_F(StoreReplayTest, ReplayedCreateSkipsNameHeldByLaterFile) {
@@ -1381,8 +1381,8 @@ TEST_F(StoreReplayTest, ReplayedCreateSkipsNameHeldByLaterFile) {
   EXPECT_EQ(replay(R.mkdir(kRootFileId, "f", kD1)), 0);
   EXPECT_EQ(fid_at(p("f")), kF2);
   EXPECT_EQ(slurp(p("f")), "later file");
-  EXPECT_EQ(store().files().path_fd(kF1), -1);
-  EXPECT_EQ(store().files().path_fd(kD1), -1);
+  EXPECT_EQ(store().files().path(kF1).get(), -1);
+  EXPECT_EQ(store().files().path(kD1).get(), -1);
 }
 
 TEST_F(StoreReplayTest, ReplayedUnlinkRmdirRenameTouchOnlyTheFileTheyName) {

@@ -24,6 +24,9 @@ int main(int argc, char** argv) {
   mount_cmd->add_option("--ack-timeout", mount.ack_timeout, "drop a slave that does not answer for this long (default 5s)");
   mount_cmd->add_option("--min-sync-slaves", mount.min_sync_slaves, "barriers fail with EIO unless this many sync slaves confirm");
   mount_cmd->add_option("--journal-size", mount.journal_size, "recent records kept for re-attaching slaves (default 256M; 0 keeps none)");
+  mount_cmd->add_option("--fd-budget", mount.fd_budget,
+                        "descriptors the daemon keeps open for files, whatever their number (default 1024)")
+      ->check(CLI::Range(16, 1 << 20));
   uint32_t block_size = 0;
   auto* block_size_opt =
       mount_cmd->add_option("--block-size", block_size, "hash block size, fixed when the volume is created (default 4096)");

@@ -351,6 +351,7 @@ int run_mount(const MountOptions& opts) {
     }
     lock_fd = lock_data_dir(data_abs);
     d.node = std::make_unique<Node>(data_abs);
+    d.node->store().files().set_budget(opts.fd_budget);
     const Identity id = d.node->identity();
     if (opts.block_size && !id.cluster_id.empty() && *opts.block_size != id.block_size)
       throw Error("block size mismatch: " + data_abs + " was created with --block-size " + std::to_string(id.block_size) +
@@ -369,7 +370,7 @@ int run_mount(const MountOptions& opts) {
     // histories forked (unless --discard-my-data), and rewrites it by Merkle diff otherwise.
     // Hash trees for the Merkle re-attach, kept current from here on (recovered first if the
     // last stop was unclean).
-    d.hashes = std::make_unique<HashIndex>(d.node->root_fd(), d.node->meta_fd(), data_abs, d.node->identity().block_size,
+    d.hashes = std::make_unique<HashIndex>(d.node->store().files(), d.node->root_fd(), d.node->meta_fd(), data_abs, d.node->identity().block_size,
                                            !opts.no_fsync);
     d.node->store().set_hashes(d.hashes.get());
     if (!opts.listen.empty() || slave) {

@@ -21,6 +21,7 @@ struct MountOptions {
   std::string ack_timeout = "5s";
   unsigned min_sync_slaves = 0;
   std::string journal_size = "256M";
+  unsigned fd_budget = 1024;  // the file registry's descriptor cache
   bool no_fsync = false;
   bool exit_on_disconnect = false;
   bool discard_my_data = false;

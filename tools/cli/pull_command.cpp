@@ -64,7 +64,7 @@ int run_pull(const std::string& address, const std::string& dir, int verbosity, 
   const auto started = std::chrono::steady_clock::now();
   try {
     Node node(dir_abs);
-    HashIndex hashes(node.root_fd(), node.meta_fd(), dir_abs, node.identity().block_size, true);
+    HashIndex hashes(node.store().files(), node.root_fd(), node.meta_fd(), dir_abs, node.identity().block_size, true);
     node.store().set_hashes(&hashes);
     node.store().set_track_files(true);
     node.store().files().scan();
