@@ -15,7 +15,8 @@ packages=(
   libcli11-dev                               # command-line parsing
   nlohmann-json3-dev                         # status --json
   libgtest-dev googletest                    # unit and integration tests
-  libbenchmark-dev                           # micro benchmarks
+  libsystemd-dev                             # sd_notify: READY=1/STOPPING=1 for Type=notify units (CLI only)
+  libbenchmark-dev                           # micro benchmarks (tools/bench/micro, -DBLOCKREPL_BENCH=ON)
   fio sqlite3 libsqlite3-dev                 # I/O and database benchmarks, SQLite tests
   postgresql postgresql-contrib              # pgbench and PostgreSQL tests
   rsync                                      # re-attach benchmark baseline

@@ -1,14 +1,12 @@
 #include "tools/cli/daemon.h"
 
 #include <cerrno>
-#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <sys/wait.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 namespace blockrepl::cli {
@@ -58,8 +56,13 @@ void Readiness::start(bool foreground) {
   }
 }
 
+Readiness::~Readiness() {
+  if (told_systemd_ready_) sd_notify(0, "STOPPING=1");
+}
+
 void Readiness::ready(const std::string& log_file) {
-  sd_notify_state("READY=1");
+  // unset_environment 0: a daemon started by the service keeps NOTIFY_SOCKET for STOPPING=1.
+  told_systemd_ready_ = sd_notify(0, "READY=1") > 0;
   if (fd_ < 0) return;
   // Detach stdout/stderr so that a caller capturing our output is not held open by the daemon.
   int out = log_file.empty() ? open("/dev/null", O_WRONLY | O_CLOEXEC)
@@ -85,25 +88,6 @@ void Readiness::failed(const std::string& message) {
   (void)ignored;
   close(fd_);
   fd_ = -1;
-}
-
-void sd_notify_state(const std::string& state) {
-  const char* path = getenv("NOTIFY_SOCKET");
-  if (!path || !*path) return;
-  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return;
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  size_t len = strlen(path);
-  if (len >= sizeof addr.sun_path) {
-    close(fd);
-    return;
-  }
-  memcpy(addr.sun_path, path, len);
-  if (addr.sun_path[0] == '@') addr.sun_path[0] = '\0';  // abstract socket
-  sendto(fd, state.data(), state.size(), MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&addr),
-         static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + len));
-  close(fd);
 }
 
 }  // namespace blockrepl::cli
