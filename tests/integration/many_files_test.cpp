@@ -158,7 +158,9 @@ TEST(ManyFiles, TwoHundredThousandFilesOnASyncPairWithBoundedDescriptors) {
   EXPECT_EQ(repl::diff_report(m.data, s.data, o, "master", "slave"), "");
 
   // A slave holding them all remounts and re-attaches by Merkle diff (no journal).
+  const pid_t slave_pid = s.pid();
   c.unmount(s);
+  ASSERT_TRUE(repl::wait_dead(slave_pid, 120s)) << "the slave daemon did not exit after its unmount";
   write_file(m.file("d7/changed"), "while away");
   ASSERT_TRUE(c.mount(s));
   ASSERT_EQ(barrier_and_wait(m, s), "");
