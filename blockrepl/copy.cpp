@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "blockrepl/error.h"
+#include "blockrepl/fsutil.h"
 #include "blockrepl/file_id.h"
 #include "blockrepl/hash_index.h"
 #include "blockrepl/log.h"
@@ -43,8 +44,8 @@ class TreeSender {
       if (rel.empty() && is_hidden_root_entry(de->d_name, de->d_type)) continue;
       names.emplace_back(de->d_name);
     }
+    closedir(d);  // before descending: a copy aborted by an exception leaks no stream
     for (const std::string& name : names) send_entry(dirfd, rel, name);
-    closedir(d);
   }
 
   CopyStats stats;
@@ -103,24 +104,20 @@ class TreeSender {
     }
     if (S_ISDIR(st.st_mode)) {
       conn_.send(mb);
-      int sub = openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-      if (sub >= 0) {
-        walk(sub, path);
-        close(sub);
-      }
+      OwnedFd sub(openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+      if (sub) walk(sub.get(), path);
       return;
     }
     if (!S_ISREG(st.st_mode) || st.st_size == 0) {
       conn_.send(mb);
       return;
     }
-    int fd = openat(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) {
+    OwnedFd fd(openat(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd) {
       conn_.send(mb);  // at least the entry; its data follows in records
       return;
     }
-    send_data(fd, mb, e, static_cast<uint64_t>(st.st_size));
-    close(fd);
+    send_data(fd.get(), mb, e, static_cast<uint64_t>(st.st_size));
   }
 
   // Sends the file's data regions (holes stay holes), the first chunk in the entry itself.
@@ -143,7 +140,9 @@ class TreeSender {
     const auto path = e.getPath();
     for (size_t i = 0; i < chunks.size(); i++) {
       ssize_t n = pread(fd, buf.data(), chunks[i].second, chunks[i].first);
-      if (n < 0) n = 0;  // shrunk meanwhile: the records will fix it
+      // A read error ends the copy (and the slave hears why); a file that shrank meanwhile
+      // reads short, and the records that follow fix it.
+      if (n < 0) throw_errno("cannot read " + std::string(reinterpret_cast<const char*>(path.begin()), path.size()) + " for the full copy", errno);
       auto data = kj::arrayPtr(reinterpret_cast<const kj::byte*>(buf.data()), static_cast<size_t>(n));
       const bool more = i + 1 < chunks.size();
       stats.bytes += static_cast<uint64_t>(n);

@@ -143,6 +143,12 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
           const auto* place = snap.find(fid);
           int fd = place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1;
           if (fd < 0) continue;  // gone since: the records that follow remove it
+          // A read error ends the session: a block left out would leave the slave silently
+          // different (a file that shrank meanwhile reads short, which is no error).
+          auto read_failed = [&](int err) {
+            close(fd);
+            throw_errno("cannot read " + place->path + " for slave " + conn.peer(), err);
+          };
           struct stat st;
           fstat(fd, &st);
           const uint64_t size = static_cast<uint64_t>(st.st_size);
@@ -155,7 +161,8 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
               for (off_t off = data; off < hole;) {
                 size_t want = static_cast<size_t>(std::min<off_t>(static_cast<off_t>(kDataChunk), hole - off));
                 ssize_t n = pread(fd, buf.data(), want, off);
-                if (n <= 0) break;
+                if (n < 0) read_failed(errno);
+                if (n == 0) break;
                 send_data(fid, static_cast<uint64_t>(off), static_cast<size_t>(n));
                 off += n;
               }
@@ -173,6 +180,7 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
               if (off < size) {
                 size_t want = static_cast<size_t>(std::min<uint64_t>((j - i) * uint64_t{bs}, size - off));
                 ssize_t n = pread(fd, buf.data(), want, static_cast<off_t>(off));
+                if (n < 0) read_failed(errno);
                 if (n > 0) send_data(fid, off, static_cast<size_t>(n));
               }
               i = j;
