@@ -13,8 +13,8 @@
 #include <set>
 #include <vector>
 
-#include "blockrepl/node.h"
 #include "blockrepl/record.h"
+#include "blockrepl/record_sink.h"
 
 namespace blockrepl {
 

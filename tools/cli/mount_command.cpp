@@ -72,6 +72,14 @@ void raise_fd_limit() {
 
 }  // namespace
 
+bool parse_ack_level(const std::string& s, AckLevel* out) {
+  if (s == "async") *out = AckLevel::async;
+  else if (s == "recv") *out = AckLevel::recv;
+  else if (s == "sync") *out = AckLevel::sync;
+  else return false;
+  return true;
+}
+
 bool parse_duration(const std::string& s, std::chrono::milliseconds* out) {
   try {
     size_t pos = 0;
