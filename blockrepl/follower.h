@@ -11,24 +11,15 @@
 #include <thread>
 #include <unordered_set>
 
+#include "blockrepl/cache_invalidator.h"
 #include "blockrepl/error.h"
 #include "blockrepl/merkle.h"
 #include "blockrepl/node.h"
 #include "blockrepl/replica_state.h"
 #include "blockrepl/space_reserve.h"
-#include "blockrepl/upstream.h"
+#include "blockrepl/wire.h"
 
 namespace blockrepl {
-
-// Told about every applied record so that readers of the slave's mount see the change
-// (the FUSE layer drops the kernel's cached pages, attributes and names).
-class CacheInvalidator {
- public:
-  virtual ~CacheInvalidator() = default;
-  virtual void invalidate(const Record& rec) = 0;
-  // Everything may have changed (a Merkle re-attach replaced files and names).
-  virtual void invalidate_all() = 0;
-};
 
 struct FollowerConfig {
   std::string master_address;

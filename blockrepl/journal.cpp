@@ -52,6 +52,10 @@ void Journal::on_record(const Record& rec) {
       }
     evict_locked();
   }
+}
+
+void Journal::wait_for_room() {
+  std::unique_lock lk(mu_);
   if (bytes_ > bound_locked() && !readers_.empty()) {
     auto deadline = std::chrono::steady_clock::now() + stall_timeout_;
     while (bytes_ > bound_locked() && !closed_) {

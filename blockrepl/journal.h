@@ -13,8 +13,8 @@
 #include <set>
 #include <vector>
 
-#include "blockrepl/node.h"
 #include "blockrepl/record.h"
+#include "blockrepl/record_sink.h"
 
 namespace blockrepl {
 
@@ -29,6 +29,9 @@ class Journal : public RecordSink {
   ~Journal() override;
 
   void on_record(const Record& rec) override;
+  // Back-pressure: a reader that lags by more than the in-flight bound holds up writers, here,
+  // before they take the node's ordering lock, for at most the stall timeout.
+  void wait_for_room() override;
   // Forgets every record and cuts off every reader: they must attach again (a Merkle diff).
   void on_reset(Lsn lsn) override;
 

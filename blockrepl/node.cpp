@@ -101,6 +101,7 @@ int Node::submit(Record& rec, const Targets& t) {
     last_lsn_.store(rec.lsn, std::memory_order_release);
     return 0;
   }
+  for (RecordSink* s : sinks_) s->wait_for_room();
   std::lock_guard lk(order_mu_);
   Stamps stamps;
   int err = store_.apply(rec, t, &stamps);
@@ -124,6 +125,7 @@ int Node::submit(Record& rec, const Targets& t) {
 
 int Node::barrier(Record& rec, const Targets& t) {
   std::function<int(Lsn)> waiter;
+  for (RecordSink* s : sinks_) s->wait_for_room();
   {
     std::lock_guard lk(order_mu_);
     rec.lsn = next_lsn_locked();
@@ -138,6 +140,7 @@ int Node::barrier(Record& rec, const Targets& t) {
 }
 
 int Node::apply_received(const Record& rec, bool replay) {
+  for (RecordSink* s : sinks_) s->wait_for_room();
   std::lock_guard lk(order_mu_);
   if (!rec.is_barrier()) {
     int err = replay ? store_.apply_replayed(rec) : store_.apply(rec);

@@ -10,20 +10,10 @@
 
 #include "blockrepl/metadata.h"
 #include "blockrepl/record.h"
+#include "blockrepl/record_sink.h"
 #include "blockrepl/store.h"
 
 namespace blockrepl {
-
-class RecordSink {
- public:
-  virtual ~RecordSink() = default;
-  // Called with each applied record in LSN order, under the node's ordering lock: keep it short
-  // (copy what must outlive the call; never block on the network).
-  virtual void on_record(const Record& rec) = 0;
-  // The node's state jumped to `lsn` by other means than records (a re-attach by full copy or
-  // Merkle diff): history before it can no longer be replayed from this node.
-  virtual void on_reset(Lsn lsn) { (void)lsn; }
-};
 
 class Node {
  public:

@@ -2,10 +2,10 @@
 
 #include <cerrno>
 #include <cinttypes>
-#include <optional>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "blockrepl/attach.h"
 #include "blockrepl/copy.h"
 #include "blockrepl/hash_index.h"
 #include "blockrepl/merkle.h"
@@ -13,23 +13,6 @@
 #include "blockrepl/log.h"
 
 namespace blockrepl {
-
-const char* ack_level_name(AckLevel level) {
-  switch (level) {
-    case AckLevel::async: return "async";
-    case AckLevel::recv: return "recv";
-    case AckLevel::sync: return "sync";
-  }
-  return "?";
-}
-
-bool parse_ack_level(const std::string& s, AckLevel* out) {
-  if (s == "async") *out = AckLevel::async;
-  else if (s == "recv") *out = AckLevel::recv;
-  else if (s == "sync") *out = AckLevel::sync;
-  else return false;
-  return true;
-}
 
 struct Upstream::Session {
   std::unique_ptr<Connection> conn;
@@ -57,42 +40,29 @@ std::vector<LineageEntry> get_lineage(capnp::List<wire::LineageEntry>::Reader in
   return out;
 }
 
-// Where a slave's history left ours: nullopt if it did not (it holds nothing we lack), else the
-// last LSN the two histories share, and the lineage ids on each side after it.
-struct Fork {
-  Lsn lsn = 0;
-  std::string ours, theirs;
-};
-std::optional<Fork> find_fork(const std::vector<LineageEntry>& ours, const std::vector<LineageEntry>& theirs, Lsn lsn) {
-  size_t k = 0;
-  while (k < ours.size() && k < theirs.size() && ours[k] == theirs[k]) k++;
-  if (k == 0) {
-    if (theirs.empty()) return std::nullopt;
-    return Fork{0, ours.empty() ? "-" : ours.front().id, theirs.front().id};
-  }
-  // Their records after the last shared lineage are ours only up to where we moved on.
-  const Lsn ours_next = k < ours.size() ? ours[k].first_lsn : UINT64_MAX;
-  const Lsn theirs_next = k < theirs.size() ? theirs[k].first_lsn : UINT64_MAX;
-  const Lsn fork = std::min(ours_next, theirs_next);
-  if (fork == UINT64_MAX || lsn < fork) return std::nullopt;  // they hold only shared records
-  if (k == theirs.size() && ours_next == UINT64_MAX) return std::nullopt;
-  return Fork{fork - 1, k < ours.size() ? ours[k].id : ours.back().id, k < theirs.size() ? theirs[k].id : theirs.back().id};
+// What a hello says, as the plain values the attach decision takes.
+AttachHello hello_of(wire::Hello::Reader h) {
+  AttachHello out;
+  out.protocol_version = h.getProtocolVersion();
+  out.node_id = h.getNodeId();
+  out.cluster_id = h.getClusterId();
+  out.hash_algorithm = h.getHashAlgorithm();
+  out.block_size = h.getBlockSize();
+  out.lineage = get_lineage(h.getLineage());
+  out.durable_lsn = h.getDurableLsn();
+  out.empty = h.getEmpty();
+  out.purpose = h.getPurpose() == wire::Purpose::VERIFY ? AttachHello::Purpose::verify : AttachHello::Purpose::attach;
+  out.discard_my_data = h.getDiscardMyData();
+  out.resync = h.getResync();
+  return out;
 }
 
-// Whether a slave whose history is `theirs` and which holds every record up to `lsn` has only
-// seen records that are also on our history `ours` (so it can simply continue from `lsn`).
-bool on_our_history(const std::vector<LineageEntry>& ours, const std::vector<LineageEntry>& theirs, Lsn lsn) {
-  if (theirs.empty()) return false;
-  // The slave's latest lineage must be one of ours, and the slave must not hold records of it
-  // beyond the point where we left it for a newer one.
-  const LineageEntry& last = theirs.back();
-  for (size_t i = 0; i < ours.size(); i++) {
-    if (ours[i] == last) {
-      if (i + 1 < ours.size() && lsn >= ours[i + 1].first_lsn) return false;
-      return true;
-    }
+wire::AttachMethod wire_method(AttachDecision::Method m) {
+  switch (m) {
+    case AttachDecision::Method::stream: return wire::AttachMethod::STREAM;
+    case AttachDecision::Method::merkle: return wire::AttachMethod::MERKLE;
+    default: return wire::AttachMethod::FULL;
   }
-  return false;
 }
 
 }  // namespace
@@ -197,47 +167,35 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
     const Identity me = node_.identity();
     s.node_id = hello.getNodeId();
     s.listen = hello.getListenAddress();
-    auto refuse = [&](const std::string& reason) {
-      LOG_WARN("refused slave %s: %s", conn.peer().c_str(), reason.c_str());
-      conn.send_error(reason, true);
-      throw Error(reason);
-    };
-    if (hello.getProtocolVersion() != kProtocolVersion)
-      refuse("protocol version mismatch: slave speaks " + std::to_string(hello.getProtocolVersion()) +
-             ", master speaks " + std::to_string(kProtocolVersion));
-    if (hello.getBlockSize() != me.block_size)
-      refuse("block size mismatch: slave uses " + std::to_string(hello.getBlockSize()) + ", master uses " +
-             std::to_string(me.block_size));
-    if (std::string(hello.getHashAlgorithm().cStr()) != kHashAlgorithm)
-      refuse("hash algorithm mismatch: slave uses " + std::string(hello.getHashAlgorithm().cStr()) + ", master uses " + kHashAlgorithm);
-    if (s.node_id == me.node_id) refuse("a node cannot be its own slave (node id " + me.node_id + ")");
-    const bool empty = hello.getEmpty();
-    const std::string their_cluster = hello.getClusterId();
-    if (!empty && !their_cluster.empty() && their_cluster != me.cluster_id)
-      refuse("cluster id mismatch: slave belongs to cluster " + their_cluster + ", master to " + me.cluster_id);
-    if (me.cluster_id.empty()) refuse("this node has no data to serve yet (it is not attached itself)");
-    s.level = std::min(cfg_.ack, static_cast<AckLevel>(static_cast<int>(hello.getAckLevel())));
-
     HashIndex* hashes = node_.store().hashes();
-    std::string notice;
-    // Two histories are never merged silently: a node that wrote after its history left ours
-    // (a former master after a failover) is rewritten only if its operator said so.
-    if (!empty && hello.getPurpose() == wire::Purpose::ATTACH) {
-      auto fork = find_fork(me.lineage, get_lineage(hello.getLineage()), hello.getDurableLsn());
-      if (fork && !hello.getDiscardMyData())
-        refuse("diverged: this node's history (lineage " + fork->theirs + ") forked from the master's (lineage " + fork->ours +
-               ") after lsn " + std::to_string(fork->lsn) + "; mount it with --discard-my-data to rewrite it to the master's state");
-      if (fork)
-        LOG_WARN("slave %s diverged after lsn %" PRIu64 " (its lineage %s, ours %s): rewriting it as it asked", conn.peer().c_str(),
-                 fork->lsn, fork->theirs.c_str(), fork->ours.c_str());
-      else if (hello.getDiscardMyData()) {
-        LOG_INFO("slave %s asked to discard its data but has not diverged: nothing of it is discarded", conn.peer().c_str());
-        notice = "--discard-my-data: this node has not diverged from the master; nothing is discarded";
-      }
+    const AttachHello said = hello_of(hello);
+    AttachServer server;
+    server.node_id = me.node_id;
+    server.cluster_id = me.cluster_id;
+    server.block_size = me.block_size;
+    server.lineage = me.lineage;
+    server.last_lsn = node_.last_lsn();
+    server.has_hashes = hashes != nullptr;
+    server.journal_covers_their_lsn = journal_.covers(said.durable_lsn);
+    AttachDecision d = decide_attach(server, said);
+    if (d.method == AttachDecision::Method::stream && !(reader = journal_.attach(said.durable_lsn, conn.peer()))) {
+      // The journal let go of those records since we asked: decide again without them.
+      server.journal_covers_their_lsn = false;
+      d = decide_attach(server, said);
     }
-    if (hello.getPurpose() == wire::Purpose::VERIFY) {
-      if (!hashes) refuse("this node keeps no hash trees");
-      if (empty || their_cluster != me.cluster_id) refuse("verify: the slave is not a replica of cluster " + me.cluster_id);
+    if (d.method == AttachDecision::Method::refuse) {
+      LOG_WARN("refused slave %s: %s", conn.peer().c_str(), d.refusal.c_str());
+      conn.send_error(d.refusal, d.fatal);
+      throw Error(d.refusal);
+    }
+    s.level = std::min(cfg_.ack, static_cast<AckLevel>(static_cast<int>(hello.getAckLevel())));
+    if (d.fork)
+      LOG_WARN("slave %s diverged after lsn %" PRIu64 " (its lineage %s, ours %s): rewriting it as it asked", conn.peer().c_str(),
+               d.fork->lsn, d.fork->theirs.c_str(), d.fork->ours.c_str());
+    else if (!d.notice.empty())
+      LOG_INFO("slave %s asked to discard its data but has not diverged: nothing of it is discarded", conn.peer().c_str());
+
+    if (d.verify_only) {
       send_welcome(conn, me, wire::AttachMethod::MERKLE, node_.last_lsn(), s.level);
       LOG_INFO("slave %s (node %s) verifies against us at lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(), node_.last_lsn());
       serve_merkle_diff(conn, node_.root_fd(), *hashes, cfg_.assign_ids, hello.getDeep(), 60000);
@@ -249,22 +207,14 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       return;
     }
 
-    // Choose the cheapest correct way to attach.
-    wire::AttachMethod method;
+    const wire::AttachMethod method = wire_method(d.method);
     Lsn start_lsn;
-    const Lsn their_lsn = hello.getDurableLsn();
-    const auto their_lineage = get_lineage(hello.getLineage());
-    // A slave that asks to resync cannot go on from its LSN (its disk filled part way).
-    if (!empty && !(hello.getResync() && hashes) && on_our_history(me.lineage, their_lineage, their_lsn) &&
-        (reader = journal_.attach(their_lsn, conn.peer()))) {
-      method = wire::AttachMethod::STREAM;
-      start_lsn = their_lsn;
+    if (d.start == AttachDecision::Start::their_lsn) {
+      start_lsn = said.durable_lsn;  // `reader` resumes there
     } else {
-      method = !empty && hashes ? wire::AttachMethod::MERKLE : wire::AttachMethod::FULL;
-      if (!empty)
-        LOG_INFO("slave %s at lsn %" PRIu64 " cannot stream (not on our history, or older than the journal; we are at %" PRIu64
-                 "): %s", conn.peer().c_str(), their_lsn, journal_.last_lsn(),
-                 method == wire::AttachMethod::MERKLE ? "Merkle diff" : "full copy");
+      if (!said.empty)
+        LOG_INFO("slave %s at lsn %" PRIu64 " cannot stream (%s; we are at %" PRIu64 "): %s", conn.peer().c_str(),
+                 said.durable_lsn, d.why_not_stream.c_str(), journal_.last_lsn(), attach_method_name(d.method));
       // Hold every record from here on for the slave, then compare or copy the tree as it is.
       start_lsn = node_.last_lsn();
       journal_.set_start(start_lsn);
@@ -272,10 +222,9 @@ void Upstream::serve(std::shared_ptr<Session> sp) {
       if (!reader) throw Error("cannot start an attach: journal unavailable");
       start_lsn = reader->taken;
     }
-    send_welcome(conn, me, method, start_lsn, s.level, notice);
+    send_welcome(conn, me, method, start_lsn, s.level, d.notice);
     LOG_INFO("slave %s (node %s) attaching by %s from lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(),
-             method == wire::AttachMethod::FULL ? "full copy" : method == wire::AttachMethod::MERKLE ? "Merkle diff" : "stream",
-             start_lsn);
+             attach_method_name(d.method), start_lsn);
     s.sent = s.received = s.durable = start_lsn;
     if (method == wire::AttachMethod::FULL) {
       CopyStats st = send_full_copy(conn, node_.root_fd(), cfg_.assign_ids);

@@ -1,7 +1,8 @@
-// The upstream side of replication: accepts slaves on --listen, chooses how each attaches (full
-// copy or stream from its LSN), then streams records from the journal with one sender per slave,
-// tracks their acknowledgements and answers barriers according to the ack level. A master runs
-// one; so does a slave that serves slaves of its own (chains).
+// The upstream side of replication: accepts slaves on --listen, attaches each as decide_attach()
+// says (attach.h: stream from its LSN, Merkle diff or full copy, or a refusal), then streams
+// records from the journal with one sender per slave, tracks their acknowledgements and answers
+// barriers according to the ack level. A master runs one; so does a slave that serves slaves of
+// its own (chains).
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -19,12 +20,6 @@
 
 namespace blockrepl {
 
-enum class AckLevel { async = 0, recv = 1, sync = 2 };
-const char* ack_level_name(AckLevel level);
-bool parse_ack_level(const std::string& s, AckLevel* out);
-
-inline constexpr uint32_t kProtocolVersion = wire::PROTOCOL_VERSION;  // defined in the schema
-inline constexpr const char kHashAlgorithm[] = "xxh3-128";
 inline constexpr auto kHeartbeatInterval = std::chrono::milliseconds(1000);
 
 struct UpstreamConfig {

@@ -20,6 +20,20 @@
 
 namespace blockrepl {
 
+static_assert(static_cast<uint16_t>(AckLevel::async) == static_cast<uint16_t>(wire::AckLevel::ASYNC) &&
+                  static_cast<uint16_t>(AckLevel::recv) == static_cast<uint16_t>(wire::AckLevel::RECV) &&
+                  static_cast<uint16_t>(AckLevel::sync) == static_cast<uint16_t>(wire::AckLevel::SYNC),
+              "AckLevel travels as wire::AckLevel: keep their values equal");
+
+const char* ack_level_name(AckLevel level) {
+  switch (level) {
+    case AckLevel::async: return "async";
+    case AckLevel::recv: return "recv";
+    case AckLevel::sync: return "sync";
+  }
+  return "?";
+}
+
 Connection::Connection(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {
   int one = 1;
   setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

@@ -5,6 +5,7 @@
 #include <capnp/serialize.h>
 #include <kj/array.h>
 
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -13,6 +14,16 @@
 #include "blockrepl/record.h"
 
 namespace blockrepl {
+
+// The protocol's constants come from the schema, so that they are defined once.
+inline constexpr uint32_t kProtocolVersion = wire::PROTOCOL_VERSION;
+inline const char* const kHashAlgorithm = wire::HASH_ALGORITHM.get().cStr();
+
+// When a barrier returns (a slave asks for one in its hello, the master grants at most its own):
+// once durable locally only, once every sync slave received the records, or once they made
+// them durable. The values are the schema's (wire::AckLevel).
+enum class AckLevel { async = 0, recv = 1, sync = 2 };
+const char* ack_level_name(AckLevel level);
 
 // Limits that keep a broken or hostile peer from exhausting memory.
 inline constexpr size_t kMaxFrameBytes = 64u << 20;

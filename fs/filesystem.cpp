@@ -37,9 +37,9 @@ struct Filesystem::Impl : public CacheInvalidator {
   MountConfig& cfg;
   InodeTable inodes;
   std::atomic<fuse_session*> se{nullptr};
-  // A slave's mount refuses changes; `promote` lifts that while mounted.
-  std::atomic<bool> read_only{false};
-  explicit Impl(Node& n, MountConfig& c) : node(n), cfg(c), read_only(c.read_only) {}
+  // A slave's mount refuses changes; `promote` lifts that while mounted (the replica says).
+  bool read_only() const { return !cfg.writable(); }
+  explicit Impl(Node& n, MountConfig& c) : node(n), cfg(c) {}
   ~Impl() { stop_deferred(); }
 
   // Invalidations the daemon owes the kernel for changes it made on its own (set-id bits dropped
@@ -227,7 +227,7 @@ FileId ensure_file_id(Impl& fs, Inode& inode, int parent_fd, const char* name) {
   if (fid != kInvalidFileId) return fid;
   if (auto got = read_file_id(parent_fd, name)) {
     fid = *got;
-  } else if (!fs.read_only.load(std::memory_order_relaxed)) {
+  } else if (!fs.read_only()) {
     int err = 0;
     fid = assign_file_id(parent_fd, name, &err);
     if (fid == kInvalidFileId) {
@@ -273,7 +273,7 @@ int do_lookup(Impl& fs, fuse_ino_t parent, const char* name, fuse_entry_param* e
 // --- records --------------------------------------------------------------------------------
 
 bool refuse_if_read_only(fuse_req_t req) {
-  if (impl_of(req).read_only.load(std::memory_order_relaxed)) {
+  if (impl_of(req).read_only()) {
     fuse_reply_err(req, EROFS);
     return true;
   }
@@ -392,7 +392,7 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   auto& fs = *static_cast<Impl*>(userdata);
   // The writeback cache makes the kernel trust its own file sizes; a replica's files change
   // behind the kernel's back, so there the daemon's attributes must win.
-  if (!fs.read_only.load(std::memory_order_relaxed) && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+  if (!fs.read_only() && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) conn->want |= FUSE_CAP_WRITEBACK_CACHE;
   else conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
@@ -431,7 +431,7 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
 void forget_inode(Impl& fs, fuse_ino_t ino, uint64_t nlookup) {
   if (ino == FUSE_ROOT_ID) return;
   const FileId released = fs.inodes.forget(reinterpret_cast<Inode*>(ino), nlookup);
-  if (released == kInvalidFileId || fs.read_only.load(std::memory_order_relaxed)) return;
+  if (released == kInvalidFileId || fs.read_only()) return;
   Record rec;
   rec.op = Op::release;
   rec.fid = released;
@@ -637,8 +637,8 @@ int backing_open_flags(int flags) {
 
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Impl& fs = impl_of(req);
-  if (fs.read_only.load(std::memory_order_relaxed) && (fi->flags & O_ACCMODE) != O_RDONLY) return (void)fuse_reply_err(req, EROFS);
-  if (fs.read_only.load(std::memory_order_relaxed) && (fi->flags & O_TRUNC)) return (void)fuse_reply_err(req, EROFS);
+  if (fs.read_only() && (fi->flags & O_ACCMODE) != O_RDONLY) return (void)fuse_reply_err(req, EROFS);
+  if (fs.read_only() && (fi->flags & O_TRUNC)) return (void)fuse_reply_err(req, EROFS);
   Inode& inode = inode_of(req, ino);
   int fd = open_inode(fs, inode, backing_open_flags(fi->flags)).release();
   if (fd < 0) return (void)fuse_reply_err(req, errno);
@@ -771,6 +771,11 @@ void sync_inode(fuse_req_t req, Inode& inode, int fd, bool datasync) {
     ifd = path_of(fs, inode);
     if (!ifd) return (void)fuse_reply_err(req, errno);
     t.path_fd = ifd.get();
+  }
+  if (fs.read_only()) {
+    // A reader on a replica syncs what the replica holds: that is no change of the volume, so
+    // it gets no record (an LSN of its own would collide with the master's next one downstream).
+    return (void)fuse_reply_err(req, fs.node.store().apply(rec, t));
   }
   fuse_reply_err(req, fs.node.barrier(rec, t));
 }
@@ -1110,7 +1115,7 @@ void Filesystem::mount() {
     throw Error("cannot mount " + cfg_.mountpoint + " (is /dev/fuse available and are you root?)");
   mounted_ = true;
   impl_->se = se_;
-  if (!cfg_.read_only) {
+  if (cfg_.writable()) {
     static const fuse_custom_io io = {kill_priv_writev, read_request, nullptr, nullptr};
     g_init_patched = false;
     if (fuse_session_custom_io(se_, &io, fuse_session_fd(se_)) != 0)
@@ -1135,11 +1140,6 @@ int Filesystem::serve() {
 }
 
 CacheInvalidator* Filesystem::invalidator() { return impl_; }
-
-void Filesystem::set_read_only(bool ro) {
-  cfg_.read_only = ro;
-  impl_->read_only.store(ro);
-}
 
 void Filesystem::stop() {
   if (se_) fuse_session_exit(se_);

@@ -4,7 +4,7 @@
 #include <functional>
 #include <string>
 
-#include "blockrepl/follower.h"
+#include "blockrepl/cache_invalidator.h"
 #include "blockrepl/node.h"
 
 struct fuse_session;
@@ -13,7 +13,10 @@ namespace blockrepl::fs {
 
 struct MountConfig {
   std::string mountpoint;
-  bool read_only = false;      // a slave: every change is refused with EROFS
+  // The one question the mount asks the replica before every change: false refuses it with
+  // EROFS (a slave, until promoted). Asked at mount too: a volume that is not writable then is
+  // mounted without the writeback cache, and stays so after a promotion.
+  std::function<bool()> writable = [] { return true; };
   bool debug = false;          // libfuse's request trace
   double timeout = 86400.0;    // entry/attr cache timeout (seconds); only we change the backing dir
   unsigned max_threads = 16;
@@ -37,8 +40,6 @@ class Filesystem {
   // applying each record, never from inside a file-system operation).
   CacheInvalidator* invalidator();
 
-  void set_read_only(bool ro);
-  bool read_only() const { return cfg_.read_only; }
   fuse_session* session() { return se_; }
 
   struct Impl;

@@ -40,9 +40,12 @@ $Cxx.namespace("blockrepl::wire");
 # Acknowledgements carry both LSNs so the master can answer `recv` and `sync` barriers and report
 # STORED (durable on the master) versus PROPAGATED (durable on the slave) separately.
 
-# The one protocol version constant (blockrepl/upstream.h takes it from here): nodes of different
+# The one protocol version constant (blockrepl/wire.h takes it from here): nodes of different
 # versions refuse each other with a clear message.
 const protocolVersion :UInt32 = 3;
+
+# The block hash both ends must use (hello.hashAlgorithm): XXH3-128 of each --block-size block.
+const hashAlgorithm :Text = "xxh3-128";
 
 enum AckLevel {
   async @0;   # barriers never wait for this slave

@@ -1,11 +1,16 @@
 // The blockrepl command line.
 #include <CLI/CLI.hpp>
 
+#include <chrono>
 #include <cstdio>
+#include <map>
+#include <string>
 
 #include "tools/cli/mount_command.h"
+#include "tools/cli/option_values.h"
 
 int main(int argc, char** argv) {
+  using namespace blockrepl;
   using namespace blockrepl::cli;
   CLI::App app{"blockrepl: a FUSE file system that replicates writes"};
   app.require_subcommand(1);
@@ -18,21 +23,34 @@ int main(int argc, char** argv) {
   mount_cmd->add_flag("-v,--verbose", mount.verbose, "more log lines on stderr (-vv for debug)");
   mount_cmd->add_flag("--fuse-debug", mount.fuse_debug, "trace every FUSE request (very verbose)");
   mount_cmd->add_option("--log-file", mount.log_file, "where the background daemon writes its log (default: nowhere)");
-  mount_cmd->add_option("--listen", mount.listen, "serve slaves on ADDR:PORT");
-  mount_cmd->add_option("--master", mount.master, "be a read-only replica of the master at HOST:PORT");
-  mount_cmd->add_option("--ack", mount.ack, "when barriers return: async, recv or sync (default sync)");
-  mount_cmd->add_option("--ack-timeout", mount.ack_timeout, "drop a slave that does not answer for this long (default 5s)");
-  mount_cmd->add_option("--min-sync-slaves", mount.min_sync_slaves, "barriers fail with EIO unless this many sync slaves confirm");
-  mount_cmd->add_option("--journal-size", mount.journal_size, "recent records kept for re-attaching slaves (default 256M; 0 keeps none)");
-  mount_cmd->add_option("--fd-budget", mount.fd_budget,
+  ReplicaConfig& repl = mount.replica;
+  mount_cmd->add_option("--listen", repl.listen_address, "serve slaves on ADDR:PORT");
+  mount_cmd->add_option("--master", repl.master_address, "be a read-only replica of the master at HOST:PORT");
+  const std::map<std::string, AckLevel> ack_levels = {
+      {"async", AckLevel::async}, {"recv", AckLevel::recv}, {"sync", AckLevel::sync}};
+  mount_cmd->add_option("--ack", repl.ack, "when barriers return: async, recv or sync (default sync)")
+      ->transform(CLI::Transformer(ack_levels))
+      // CLI11 runs the transform added last first: refuse a bad name ("--ack: x not in {...}")
+      // before the names are turned into values.
+      ->transform(CLI::IsMember({"async", "recv", "sync"}));
+  mount_cmd
+      ->add_option_function<int64_t>(
+          "--ack-timeout", [&repl](const int64_t& ms) { repl.ack_timeout = std::chrono::milliseconds(ms); },
+          "drop a slave that does not answer for this long (default 5s)")
+      ->transform(positive_duration_ms());
+  mount_cmd->add_option("--min-sync-slaves", repl.min_sync_slaves, "barriers fail with EIO unless this many sync slaves confirm");
+  mount_cmd->add_option("--journal-size", repl.journal_bytes, "recent records kept for re-attaching slaves (default 256M; 0 keeps none)")
+      ->transform(byte_size());
+  mount_cmd->add_option("--fd-budget", repl.fd_budget,
                         "descriptors the daemon keeps open for files, whatever their number (default 1024)")
       ->check(CLI::Range(16, 1 << 20));
   uint32_t block_size = 0;
   auto* block_size_opt =
-      mount_cmd->add_option("--block-size", block_size, "hash block size, fixed when the volume is created (default 4096)");
-  mount_cmd->add_flag("--no-fsync", mount.no_fsync, "slave: do not fsync applied records (faster, not durable)");
-  mount_cmd->add_flag("--exit-on-disconnect", mount.exit_on_disconnect, "slave: exit non-zero when the master is lost");
-  mount_cmd->add_flag("--discard-my-data", mount.discard_my_data,
+      mount_cmd->add_option("--block-size", block_size, "hash block size, fixed when the volume is created (default 4096)")
+          ->check(hash_block_size());
+  mount_cmd->add_flag("--no-fsync", repl.no_fsync, "slave: do not fsync applied records (faster, not durable)");
+  mount_cmd->add_flag("--exit-on-disconnect", repl.exit_on_disconnect, "slave: exit non-zero when the master is lost");
+  mount_cmd->add_flag("--discard-my-data", repl.discard_my_data,
                       "slave: its data directory may be replaced: a diverged node (a former master) rejoins and is "
                       "rewritten to its master's state, a directory holding other files is emptied for the first copy");
 
@@ -98,8 +116,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (*mount_cmd) {
-    // Given (even as 0, which is refused) or not: not given means the volume's own.
-    if (block_size_opt->count() > 0) mount.block_size = block_size;
+    // Not given means the volume's own.
+    if (block_size_opt->count() > 0) repl.block_size = block_size;
     return run_mount(mount);
   }
   if (*umount_cmd) return run_umount(umount_point, lazy);

@@ -1,13 +1,17 @@
 #include "tools/cli/mount_command.h"
 
+#include <atomic>
 #include <cerrno>
-#include <optional>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <malloc.h>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -15,30 +19,21 @@
 #include <thread>
 #include <unistd.h>
 
+#include <nlohmann/json.hpp>
+
+#include "blockrepl/control.h"
 #include "blockrepl/error.h"
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
-#include "blockrepl/node.h"
-#include "blockrepl/control.h"
-#include "blockrepl/follower.h"
-#include "blockrepl/hash_index.h"
-#include "blockrepl/journal.h"
-#include "blockrepl/upstream.h"
-#include "blockrepl/wire.h"
+#include "blockrepl/replica.h"
 #include "fs/filesystem.h"
-#include <nlohmann/json.hpp>
-#include <atomic>
-#include <condition_variable>
-#include <mutex>
-#include <malloc.h>
+#include "tools/cli/control_answers.h"
 #include "tools/cli/daemon.h"
 #include "tools/cli/mount_checks.h"
 
 namespace blockrepl::cli {
 
 namespace {
-
-
 
 std::string pid_file_path(const std::string& data_abs) { return data_abs + "/" + kMetadataDirName + "/" + kPidFile; }
 
@@ -70,68 +65,11 @@ void raise_fd_limit() {
   }
 }
 
-}  // namespace
-
-bool parse_duration(const std::string& s, std::chrono::milliseconds* out) {
-  try {
-    size_t pos = 0;
-    double v = std::stod(s, &pos);
-    std::string unit = s.substr(pos);
-    double ms;
-    if (unit.empty() || unit == "s") ms = v * 1000;
-    else if (unit == "ms") ms = v;
-    else if (unit == "m" || unit == "min") ms = v * 60000;
-    else return false;
-    if (ms < 0) return false;
-    *out = std::chrono::milliseconds(static_cast<int64_t>(ms));
-    return true;
-  } catch (const std::exception&) {
-    return false;
-  }
-}
-
-bool parse_size(const std::string& s, uint64_t* out) {
-  try {
-    size_t pos = 0;
-    unsigned long long v = std::stoull(s, &pos);
-    std::string unit = s.substr(pos);
-    uint64_t mul = 1;
-    if (unit.empty() || unit == "B") mul = 1;
-    else if (unit == "K" || unit == "KiB" || unit == "k") mul = 1ull << 10;
-    else if (unit == "M" || unit == "MiB") mul = 1ull << 20;
-    else if (unit == "G" || unit == "GiB") mul = 1ull << 30;
-    else return false;
-    *out = v * mul;
-    return true;
-  } catch (const std::exception&) {
-    return false;
-  }
-}
-
-namespace {
-
-// Everything a running daemon holds; destroyed in reverse order of construction.
-struct Daemon {
-  std::unique_ptr<Node> node;
-  std::unique_ptr<HashIndex> hashes;
-  std::unique_ptr<Journal> journal;
-  std::unique_ptr<Upstream> upstream;
-  std::unique_ptr<Follower> follower;
-  std::unique_ptr<fs::Filesystem> filesystem;
-  std::unique_ptr<ControlServer> control;
-  std::string mountpoint;
-  AckLevel ack = AckLevel::sync;
-  bool no_fsync = false;
-  std::atomic<int> exit_code{0};
-  std::atomic<bool> promoted{false};  // a slave turned master by `blockrepl promote`
-  std::mutex promote_mu;
-};
-
 // A progress line on the terminal while a foreground mount takes its first copy (it can take a
 // while for a large volume); nothing when stderr is not a terminal.
 class AttachProgress {
  public:
-  AttachProgress(Follower& follower, bool enabled, const std::string& master) : follower_(follower), master_(master) {
+  AttachProgress(Replica& replica, bool enabled, const std::string& master) : replica_(replica), master_(master) {
     if (enabled) thread_ = std::thread([this] { run(); });
   }
   ~AttachProgress() {
@@ -149,15 +87,15 @@ class AttachProgress {
   void run() {
     std::unique_lock lk(mu_);
     while (!cv_.wait_for(lk, std::chrono::milliseconds(250), [&] { return done_; })) {
-      FollowerStatus st = follower_.status();
-      const double mib = static_cast<double>(st.current_attach.bytes_received) / (1 << 20);
-      const double secs = st.current_attach.seconds > 0 ? st.current_attach.seconds : 1e-9;
+      const AttachReport a = replica_.attach_progress();
+      const double mib = static_cast<double>(a.bytes_received) / (1 << 20);
+      const double secs = a.seconds > 0 ? a.seconds : 1e-9;
       fprintf(stderr, "\rattaching to %s: %8.1f MiB, %6llu files, %7.1f MiB/s, %5.1f s ", master_.c_str(), mib,
-              static_cast<unsigned long long>(st.current_attach.files_received), mib / secs, st.current_attach.seconds);
+              static_cast<unsigned long long>(a.files_received), mib / secs, a.seconds);
       fflush(stderr);
     }
   }
-  Follower& follower_;
+  Replica& replica_;
   std::string master_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -165,133 +103,19 @@ class AttachProgress {
   std::thread thread_;
 };
 
-nlohmann::json status_json(Daemon& d) {
-  using nlohmann::json;
-  const Identity id = d.node->identity();
-  json j;
-  const bool slave = d.follower != nullptr && !d.promoted;
-  j["role"] = slave ? "slave" : "master";
-  j["node_id"] = id.node_id;
-  j["cluster_id"] = id.cluster_id;
-  json lin = json::array();
-  for (auto& e : id.lineage) lin.push_back({{"id", e.id}, {"first_lsn", e.first_lsn}});
-  j["lineage"] = lin;
-  j["block_size"] = id.block_size;
-  j["ack"] = ack_level_name(d.ack);
-  j["data"] = d.node->data_path();
-  j["mountpoint"] = d.mountpoint;
-  j["no_fsync"] = d.no_fsync;
-  j["upstream"] = nullptr;
-  j["last_attach"] = nullptr;
-  if (slave) {
-    FollowerStatus fs = d.follower->status();
-    j["lsn"] = fs.durable_lsn;
-    json up = {{"address", fs.address}, {"state", fs.state}, {"received_lsn", fs.received_lsn}, {"durable_lsn", fs.durable_lsn}};
-    if (!fs.last_error.empty() && fs.state == "disconnected") up["last_error"] = fs.last_error;
-    if (!fs.waiting_for.empty()) up["waiting_for"] = fs.waiting_for;
-    if (fs.state == "attaching")
-      up["attach_progress"] = {{"bytes_received", fs.current_attach.bytes_received},
-                               {"files_received", fs.current_attach.files_received},
-                               {"blocks_received", fs.current_attach.blocks_received},
-                               {"seconds", fs.current_attach.seconds}};
-    j["upstream"] = up;
-    if (fs.has_last_attach)
-      j["last_attach"] = {{"method", fs.last_attach.method}, {"bytes_received", fs.last_attach.bytes_received},
-                          {"blocks_received", fs.last_attach.blocks_received}, {"seconds", fs.last_attach.seconds}};
-  } else {
-    j["lsn"] = d.node->last_lsn();
-  }
-  json slaves = json::array();
-  if (d.upstream) {
-    for (auto& s : d.upstream->slaves())
-      slaves.push_back({{"address", s.address}, {"node_id", s.node_id}, {"state", s.state}, {"ack", s.ack},
-                        {"received_lsn", s.received_lsn}, {"durable_lsn", s.durable_lsn}, {"lag_bytes", s.lag_bytes}});
-  }
-  j["slaves"] = slaves;
-  return j;
-}
-
-// A promote request: this slave stops following, starts a new lineage after its last LSN and
-// becomes writable; its own slaves keep streaming from it.
-nlohmann::json promote_json(Daemon& d) {
-  using nlohmann::json;
-  std::lock_guard lk(d.promote_mu);
-  if (!d.follower || d.promoted) return json{{"error", "this node is already a master"}};
-  try {
-    if (!d.follower->has_data()) return json{{"error", "this replica never completed an attach: it holds nothing to serve"}};
-    d.follower->stop();
-    // What was applied becomes durable before the new history starts after it.
-    if (int err = d.node->store().sync_all()) throw_errno("cannot sync " + d.node->data_path(), err);
-    const Lsn last = d.node->last_lsn();
-    const std::string lineage = random_hex_id(8);
-    d.node->update_identity([&](Identity& id) {
-      id.lineage.push_back({lineage, last + 1});
-      id.role = "master";
-    });
-    if (d.upstream) d.node->set_barrier_waiter([u = d.upstream.get()](Lsn lsn) { return u->wait_barrier(lsn); });
-    d.filesystem->set_read_only(false);
-    d.promoted = true;
-    d.node->store().set_direct_writes(false);  // a master's files are read back: keep them cached
-    LOG_WARN("promoted to master at lsn %llu: new lineage %s", static_cast<unsigned long long>(last), lineage.c_str());
-    return json{{"promoted", true}, {"lsn", last}, {"lineage", lineage}};
-  } catch (const std::exception& e) {
-    return json{{"error", e.what()}};
-  }
-}
-
-// A verify request: compare this replica's trees with its master's.
-nlohmann::json verify_json(Daemon& d, bool deep) {
-  using nlohmann::json;
-  if (!d.follower || d.promoted) return json{{"error", "this node is a master: run verify on a slave"}};
-  try {
-    // Compared while records keep arriving: a difference may only be a record in flight, so
-    // differences count only if a second comparison, once we hold what the master had at
-    // the first one, still finds them.
-    DiffReport rep = d.follower->verify(deep);
-    for (int attempt = 0; attempt < 3 && !rep.differences.empty(); attempt++) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-      rep = d.follower->verify(false);
-    }
-    json diffs = json::array();
-    for (auto& s : rep.differences) diffs.push_back(s);
-    return json{{"identical", rep.differences.empty()}, {"differences", diffs}, {"dirs_listed", rep.dirs_listed},
-                {"files_compared", rep.files_compared}, {"round_trips", rep.round_trips},
-                {"dirs_covered", rep.dirs_covered}, {"entries_covered", rep.entries_covered}};
-  } catch (const std::exception& e) {
-    return json{{"error", e.what()}};
-  }
-}
-
 }  // namespace
 
 int run_mount(const MountOptions& opts) {
   set_log_level(opts.verbose >= 2 ? LogLevel::debug : opts.verbose == 1 ? LogLevel::info : LogLevel::warn);
-  // Every option is checked before anything is written or forked.
-  AckLevel ack;
-  if (!parse_ack_level(opts.ack, &ack)) {
-    fprintf(stderr, "blockrepl: --ack must be async, recv or sync (got '%s')\n", opts.ack.c_str());
-    return 2;
-  }
-  std::chrono::milliseconds ack_timeout;
-  if (!parse_duration(opts.ack_timeout, &ack_timeout) || ack_timeout.count() == 0) {
-    fprintf(stderr, "blockrepl: --ack-timeout must be a positive duration such as 5s or 500ms (got '%s')\n", opts.ack_timeout.c_str());
-    return 2;
-  }
-  uint64_t journal_bytes;
-  if (!parse_size(opts.journal_size, &journal_bytes)) {
-    fprintf(stderr, "blockrepl: --journal-size must be a size such as 256M or 0 (got '%s')\n", opts.journal_size.c_str());
-    return 2;
-  }
-  if (opts.block_size && (*opts.block_size < 512 || *opts.block_size > (1u << 20) || (*opts.block_size & (*opts.block_size - 1)))) {
-    fprintf(stderr, "blockrepl: --block-size must be a power of two from 512 to 1048576 (got %u)\n", *opts.block_size);
-    return 2;
-  }
-  const bool slave = !opts.master.empty();
-  if (!slave && (opts.no_fsync || opts.exit_on_disconnect)) {
+  // Every option is checked before anything is written or forked (the values themselves by the
+  // parser, see main.cpp; here how they go together).
+  const ReplicaConfig& given = opts.replica;
+  const bool slave = !given.master_address.empty();
+  if (!slave && (given.no_fsync || given.exit_on_disconnect)) {
     fprintf(stderr, "blockrepl: --no-fsync and --exit-on-disconnect are for slaves (use them with --master)\n");
     return 2;
   }
-  if (slave && opts.min_sync_slaves && opts.listen.empty()) {
+  if (slave && given.min_sync_slaves && given.listen_address.empty()) {
     fprintf(stderr, "blockrepl: --min-sync-slaves needs --listen\n");
     return 2;
   }
@@ -302,7 +126,7 @@ int run_mount(const MountOptions& opts) {
   }
   // A slave's first attach replaces what its data directory holds: only an empty directory or a
   // volume is taken without being told.
-  if (slave && !opts.discard_my_data)
+  if (slave && !given.discard_my_data)
     if (auto err = check_replica_data_dir(paths.data_abs, "slave")) {
       fprintf(stderr, "blockrepl: %s\n", err->c_str());
       return 1;
@@ -334,15 +158,15 @@ int run_mount(const MountOptions& opts) {
   // the heap for reuse instead of an mmap + page faults + zeroing for every one.
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  ReplicaConfig rcfg = given;
+  rcfg.data_path = data_abs;
   int lock_fd = -1;
-  Daemon d;
-  d.mountpoint = mnt_abs;
-  d.ack = ack;
-  d.no_fsync = opts.no_fsync;
-  int listen_fd = -1;
+  std::unique_ptr<Replica> replica;
+  std::unique_ptr<fs::Filesystem> filesystem;  // goes before the replica it asks
+  std::atomic<int> exit_code{0};
   try {
     // A port in use is refused before anything is written to the data directory.
-    if (!opts.listen.empty()) listen_fd = listen_on(opts.listen);
+    replica = std::make_unique<Replica>(rcfg);
     if (paths.replace_dead_mount) {
       // Left by a daemon of this data directory that died (a crash, SIGKILL): mounting again
       // is the way back, so it needs no separate fusermount3 -u.
@@ -350,135 +174,45 @@ int run_mount(const MountOptions& opts) {
       LOG_WARN("removed the dead mount of %s on %s left by a daemon that died", data_abs.c_str(), mnt_abs.c_str());
     }
     lock_fd = lock_data_dir(data_abs);
-    d.node = std::make_unique<Node>(data_abs);
-    d.node->store().files().set_budget(opts.fd_budget);
-    const Identity id = d.node->identity();
-    if (opts.block_size && !id.cluster_id.empty() && *opts.block_size != id.block_size)
-      throw Error("block size mismatch: " + data_abs + " was created with --block-size " + std::to_string(id.block_size) +
-                  ", not " + std::to_string(*opts.block_size));
-    if (opts.block_size && id.cluster_id.empty() && *opts.block_size != id.block_size)
-      d.node->update_identity([&](Identity& i) { i.block_size = *opts.block_size; });
-    if (!slave && (id.cluster_id.empty() || id.role != "master")) {
-      // A new volume, or a former slave mounted as a master: a new history starts here.
-      d.node->update_identity([&](Identity& i) {
-        if (i.cluster_id.empty()) i.cluster_id = random_hex_id(16);
-        i.lineage.push_back({random_hex_id(8), d.node->last_lsn() + 1});
-        i.role = "master";
-      });
-    }
-    // A former master mounted as a slave: its new master refuses it if it wrote after their
-    // histories forked (unless --discard-my-data), and rewrites it by Merkle diff otherwise.
-    // Hash trees for the Merkle re-attach, kept current from here on (recovered first if the
-    // last stop was unclean).
-    d.hashes = std::make_unique<HashIndex>(d.node->store().files(), d.node->root_fd(), d.node->meta_fd(), data_abs, d.node->identity().block_size,
-                                           !opts.no_fsync);
-    d.node->store().set_hashes(d.hashes.get());
-    if (!opts.listen.empty() || slave) {
-      d.journal = std::make_unique<Journal>(journal_bytes, 64u << 20, ack_timeout);
+    replica->open();
+    {
+      std::optional<AttachProgress> progress;
+      if (replica->needs_first_copy()) progress.emplace(*replica, opts.foreground && isatty(STDERR_FILENO), given.master_address);
+      replica->start();
     }
     fs::MountConfig cfg;
     cfg.mountpoint = mnt_abs;
     cfg.debug = opts.fuse_debug;
-    cfg.read_only = slave;
-    if (slave) {
-      d.node->store().set_track_files(true);
-      d.node->store().set_direct_writes(true);
-      d.node->store().files().scan();
-      FollowerConfig fc;
-      fc.master_address = opts.master;
-      fc.listen_address = opts.listen;
-      fc.no_fsync = opts.no_fsync;
-      fc.exit_on_disconnect = opts.exit_on_disconnect;
-      fc.discard_my_data = opts.discard_my_data;
-      fc.master_timeout = std::max(ack_timeout, std::chrono::milliseconds(3000));
-      d.follower = std::make_unique<Follower>(*d.node, fc);
-      if (!d.follower->has_data()) {
-        LOG_INFO("replica %s is empty: attaching to %s", data_abs.c_str(), opts.master.c_str());
-        AttachProgress progress(*d.follower, opts.foreground && isatty(STDERR_FILENO), opts.master);
-        d.follower->attach_now();
-      } else {
-        // A replica with data is served even while its master is unreachable, but a master
-        // that refuses it (another cluster, diverged) is an error the operator must see now.
-        try {
-          d.follower->attach_now();
-        } catch (const FatalAttachError&) {
-          throw;
-        } catch (const std::exception& e) {
-          LOG_WARN("%s; serving the replica and retrying in the background", e.what());
-        }
-      }
-    }
-    if (d.journal) {
-      d.journal->set_start(d.node->last_lsn());
-      d.node->add_sink(d.journal.get());
-    }
-    if (!opts.listen.empty()) {
-      UpstreamConfig uc;
-      uc.listen_address = opts.listen;
-      uc.ack = ack;
-      uc.ack_timeout = ack_timeout;
-      uc.min_sync_slaves = opts.min_sync_slaves;
-      uc.assign_ids = !slave;
-      d.upstream = std::make_unique<Upstream>(*d.node, *d.journal, uc);
-      d.upstream->start(listen_fd);
-      listen_fd = -1;
-      if (!slave) d.node->set_barrier_waiter([u = d.upstream.get()](Lsn lsn) { return u->wait_barrier(lsn); });
-    }
-    d.filesystem = std::make_unique<fs::Filesystem>(*d.node, cfg);
-    d.control = std::make_unique<ControlServer>(control_socket_name(d.node->identity().node_id), [&d](const std::string& req) {
-      if (req == "status") return status_json(d).dump();
-      if (req == "promote") return promote_json(d).dump();
-      if (req == "verify" || req == "verify deep") return verify_json(d, req == "verify deep").dump();
-      return std::string("{\"error\":\"unknown request\"}");
-    });
-    d.filesystem->mount();
+    cfg.writable = [r = replica.get()] { return r->writable(); };
+    filesystem = std::make_unique<fs::Filesystem>(replica->node(), cfg);
+    replica->serve_control(
+        [r = replica.get(), mnt_abs](const std::string& request) { return answer_control_request(*r, mnt_abs, request); });
+    filesystem->mount();
     if (!slave) lift_fuse_writeback_limit(mnt_abs);
   } catch (const std::exception& e) {
-    if (listen_fd >= 0) close(listen_fd);
     readiness.failed(e.what());
     return 1;
   }
-  if (d.follower) {
-    d.follower->set_invalidator(d.filesystem->invalidator());
-    d.follower->set_on_exit([&d](int code, const std::string& why) {
-      LOG_ERROR("%s; exiting", why.c_str());
-      d.exit_code = code;
-      d.filesystem->stop();
-      // Wake the FUSE loop: it only notices the exit flag on its next request.
-      struct stat st;
-      stat(d.mountpoint.c_str(), &st);
-    });
-    d.follower->start();
-  }
-  d.hashes->start_checkpoints();
+  replica->run_in_background(filesystem->invalidator(), [&](int code, const std::string& why) {
+    LOG_ERROR("%s; exiting", why.c_str());
+    exit_code = code;
+    filesystem->stop();
+    // Wake the FUSE loop: it only notices the exit flag on its next request.
+    struct stat st;
+    stat(mnt_abs.c_str(), &st);
+  });
   write_pid_file(data_abs);
-  LOG_INFO("mounted %s on %s as %s", data_abs.c_str(), mnt_abs.c_str(), d.follower ? "slave" : "master");
+  LOG_INFO("mounted %s on %s as %s", data_abs.c_str(), mnt_abs.c_str(), slave ? "slave" : "master");
   set_log_copy_fd(-1);  // from here on stderr is the log file itself
   readiness.ready(opts.log_file);
-  int rc = d.filesystem->serve();
-  if (d.follower) d.follower->stop();
-  if (d.upstream) d.upstream->stop();
-  d.control.reset();
-  d.filesystem.reset();
+  int rc = filesystem->serve();
+  replica->stop();
   LOG_INFO("unmounted %s", mnt_abs.c_str());
-  if (d.journal) {
-    d.node->remove_sink(d.journal.get());
-    d.journal->close();
-  }
-  if (!d.follower) d.node->close_clean();
-  d.upstream.reset();
-  d.follower.reset();
-  try {
-    d.hashes->close_clean();  // saves the trees, so the next start rehashes nothing
-  } catch (const std::exception& e) {
-    LOG_WARN("%s", e.what());
-  }
-  d.node->store().set_hashes(nullptr);
-  d.hashes.reset();
-  d.node.reset();
+  filesystem.reset();
+  replica.reset();
   remove_own_pid_file(data_abs);
   if (lock_fd >= 0) close(lock_fd);
-  return d.exit_code ? d.exit_code.load() : rc;
+  return exit_code ? exit_code.load() : rc;
 }
 
 int run_umount(const std::string& mountpoint, bool lazy) {
