@@ -14,6 +14,11 @@ class CacheInvalidator {
   virtual void invalidate(const Record& rec) = 0;
   // Everything may have changed (a Merkle re-attach replaced files and names).
   virtual void invalidate_all() = 0;
+  // Around a stage switch, which rewrites many files and names in several passes: operations
+  // on the mount wait (hold_readers returns once none is in flight), so that no request sees the
+  // backing directory half switched. Then invalidate_all.
+  virtual void hold_readers() {}
+  virtual void release_readers() {}
 };
 
 }  // namespace blockrepl

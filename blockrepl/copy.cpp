@@ -233,6 +233,19 @@ int CopyReceiver::open_parent(const std::string& path, std::string* leaf) {
   return fd;
 }
 
+// Times through the Store, as every change to the backing directory.
+void CopyReceiver::set_times(FileId fid, int fd, const timespec times[2], const std::string& path) {
+  Record rec;
+  rec.op = Op::setattr;
+  rec.fid = fid;
+  rec.attr_valid = kAttrAtime | kAttrMtime;
+  rec.atime = times[0];
+  rec.mtime = times[1];
+  Targets t;
+  t.path_fd = fd;
+  if (int err = store_.apply(rec, t)) throw_errno("copy: cannot set the times of " + path, err);
+}
+
 void CopyReceiver::finish_file() {
   if (file_fd_ < 0) return;
   Record rec;
@@ -241,10 +254,19 @@ void CopyReceiver::finish_file() {
   rec.offset = file_size_;
   Targets t;
   t.fd = file_fd_;
-  if (int err = store_.apply(rec, t)) LOG_WARN("copy: cannot size %s: %s", file_path_.c_str(), strerror(err));
-  futimens(file_fd_, file_times_);
+  int err = store_.apply(rec, t);
+  if (!err) {
+    try {
+      set_times(file_fid_, file_fd_, file_times_, file_path_);
+    } catch (...) {
+      close(file_fd_);
+      file_fd_ = -1;
+      throw;
+    }
+  }
   close(file_fd_);
   file_fd_ = -1;
+  if (err) throw_errno("copy: cannot size " + file_path_, err);
   file_path_.clear();
 }
 
@@ -259,67 +281,76 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
   }
   finish_file();
   std::string leaf;
-  int dfd = open_parent(path, &leaf);
-  struct Closer {
-    int fd;
-    ~Closer() { close(fd); }
-  } closer{dfd};
-  const char* name = leaf.c_str();
+  OwnedFd dir(open_parent(path, &leaf));
   const mode_t mode = e.getMode();
-  timespec times[2] = {{static_cast<time_t>(e.getAtimeSec()), static_cast<long>(e.getAtimeNsec())},
-                       {static_cast<time_t>(e.getMtimeSec()), static_cast<long>(e.getMtimeNsec())}};
+  const timespec times[2] = {{static_cast<time_t>(e.getAtimeSec()), static_cast<long>(e.getAtimeNsec())},
+                             {static_cast<time_t>(e.getMtimeSec()), static_cast<long>(e.getMtimeNsec())}};
   stats_.files++;
+  // Every entry is a record applied by the Store: the one place where names, types, modes and
+  // xattrs from a peer are checked and where metadata reaches the disk.
+  Record rec;
+  rec.parent = read_file_id(dir.get(), "").value_or(kInvalidFileId);
+  rec.name = leaf;
+  rec.fid = e.getFid();
+  rec.uid = e.getUid();
+  rec.gid = e.getGid();
+  rec.mode = mode;
+  Targets t;
+  t.parent_fd = dir.get();
+  std::string target;
   if (e.getHardLinkOf().size() > 0) {
     std::string other_leaf;
-    int ofd = open_parent(text_of(e.getHardLinkOf()), &other_leaf);
-    int rc = linkat(ofd, other_leaf.c_str(), dfd, name, 0);
-    int err = errno;
-    close(ofd);
-    if (rc != 0 && err != EEXIST) throw_errno("copy: cannot link " + path, err);
+    OwnedFd other_dir(open_parent(text_of(e.getHardLinkOf()), &other_leaf));
+    OwnedFd other(openat(other_dir.get(), other_leaf.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    if (!other) throw_errno("copy: cannot find " + text_of(e.getHardLinkOf()) + " to link " + path, errno);
+    rec.op = Op::link;
+    t.path_fd = other.get();
+    if (int err = store_.apply(rec, t)) throw_errno("copy: cannot link " + path, err);
     return;
   }
-  int rc = 0;
   if (S_ISDIR(mode)) {
-    rc = mkdirat(dfd, name, 0700);
-    if (rc != 0 && errno == EEXIST) rc = 0;
+    rec.op = Op::mkdir;
   } else if (S_ISLNK(mode)) {
-    std::string target = text_of(e.getLinkTarget());
+    target = text_of(e.getLinkTarget());
     if (target.empty()) throw Error("copy: symlink " + path + " without a target", EPROTO);
-    rc = symlinkat(target.c_str(), dfd, name);
+    rec.op = Op::symlink;
+    rec.data = target;
+  } else if (S_ISREG(mode) || S_ISFIFO(mode) || S_ISCHR(mode) || S_ISBLK(mode) || S_ISSOCK(mode)) {
+    rec.op = Op::create;
+    rec.rdev = e.getRdev();
+  } else {
+    throw Error("copy: entry " + path + " has an unknown type", EPROTO);
+  }
+  if (int err = store_.apply(rec, t)) throw_errno("copy: cannot create " + path, err);
+  OwnedFd entry(openat(dir.get(), leaf.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+  if (!entry) throw_errno("copy: cannot open " + path + " after creating it", errno);
+  for (auto x : e.getXattrs()) {
+    Record xr;
+    xr.op = Op::setxattr;
+    xr.fid = rec.fid;
+    xr.name = x.getName();
+    if (xr.name.rfind(kReservedXattrPrefix, 0) == 0) continue;  // ours: never from a peer
+    auto v = x.getValue();
+    xr.data = std::string_view(reinterpret_cast<const char*>(v.begin()), v.size());
+    Targets xt;
+    xt.path_fd = entry.get();
+    if (int err = store_.apply(xr, xt)) throw_errno("copy: cannot set xattr " + xr.name + " on " + path, err);
+  }
+  if (S_ISDIR(mode)) {
+    // Set once the directory is complete: its entries change its times while copying.
+    dir_times_.push_back({path, {times[0], times[1]}});
   } else if (S_ISREG(mode)) {
-    int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0) throw_errno("copy: cannot create " + path, errno);
-    file_fd_ = fd;
+    file_fd_ = openat(dir.get(), leaf.c_str(), O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (file_fd_ < 0) throw_errno("copy: cannot open " + path + " to write it", errno);
     file_path_ = path;
     file_size_ = e.getSize();
     file_times_[0] = times[0];
     file_times_[1] = times[1];
-  } else if (S_ISFIFO(mode) || S_ISCHR(mode) || S_ISBLK(mode) || S_ISSOCK(mode)) {
-    rc = mknodat(dfd, name, mode, static_cast<dev_t>(e.getRdev()));
-  } else {
-    throw Error("copy: entry " + path + " has an unknown type", EPROTO);
-  }
-  if (rc != 0) throw_errno("copy: cannot create " + path, errno);
-  if (write_file_id(dfd, name, e.getFid()) != 0) throw_errno("copy: cannot set the file id of " + path, errno);
-  if (fchownat(dfd, name, e.getUid(), e.getGid(), AT_SYMLINK_NOFOLLOW) != 0) throw_errno("copy: cannot chown " + path, errno);
-  if (!S_ISLNK(mode) && fchmodat(dfd, name, mode & 07777, 0) != 0) throw_errno("copy: cannot chmod " + path, errno);
-  const std::string proc = fd_path(dfd, name);
-  for (auto x : e.getXattrs()) {
-    std::string xn = x.getName();
-    if (xn.rfind(kReservedXattrPrefix, 0) == 0) continue;
-    auto v = x.getValue();
-    if (lsetxattr(proc.c_str(), xn.c_str(), v.begin(), v.size(), 0) != 0)
-      LOG_WARN("copy: cannot set xattr %s on %s: %s", xn.c_str(), path.c_str(), strerror(errno));
-  }
-  if (S_ISDIR(mode)) {
-    dir_times_.push_back({path, {times[0], times[1]}});
-  } else if (file_fd_ >= 0) {
-    file_fid_ = e.getFid();
-    if (HashIndex* h = store_.hashes()) h->created(file_fid_);
+    file_fid_ = rec.fid;
     write_chunk(path, file_fid_, e.getChunkOffset(), chunk.begin(), chunk.size());
     if (!e.getMore()) finish_file();
   } else {
-    utimensat(dfd, name, times, AT_SYMLINK_NOFOLLOW);
+    set_times(rec.fid, entry.get(), times, path);
   }
 }
 
@@ -328,17 +359,14 @@ void CopyReceiver::finish(timespec root_mtime) {
   // Deepest first, so setting a child's times does not disturb its parent's afterwards.
   for (auto it = dir_times_.rbegin(); it != dir_times_.rend(); ++it) {
     std::string leaf;
-    try {
-      int dfd = open_parent(it->path, &leaf);
-      utimensat(dfd, leaf.c_str(), it->times, AT_SYMLINK_NOFOLLOW);
-      close(dfd);
-    } catch (const Error&) {
-    }
+    OwnedFd parent(open_parent(it->path, &leaf));
+    OwnedFd dir(openat(parent.get(), leaf.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!dir) throw_errno("copy: cannot open directory " + it->path + " to set its times", errno);
+    set_times(read_file_id(dir.get(), "").value_or(kInvalidFileId), dir.get(), it->times, it->path);
   }
   if (root_mtime.tv_nsec < 0 || root_mtime.tv_nsec >= 1000000000L) throw Error("copy: bad root mtime from peer", EPROTO);
-  const timespec ts[2] = {{0, UTIME_OMIT}, root_mtime};
-  if (utimensat(AT_FDCWD, fd_path(root_fd_).c_str(), ts, 0) != 0)
-    LOG_WARN("copy: cannot set the mtime of the volume root: %s", strerror(errno));
+  const timespec root_times[2] = {{0, UTIME_OMIT}, root_mtime};
+  set_times(kRootFileId, root_fd_, root_times, "the volume root");
 }
 
 void remove_tree_at(int dirfd, const char* name) {

@@ -46,6 +46,7 @@ class CopyReceiver {
  private:
   int open_parent(const std::string& path, std::string* leaf);
   void finish_file();
+  void set_times(FileId fid, int fd, const timespec times[2], const std::string& path);
   void write_chunk(const std::string& path, FileId fid, uint64_t off, const kj::byte* data, size_t n);
   Store& store_;
   int root_fd_;

@@ -482,7 +482,20 @@ void Follower::commit_stage(Connection& conn, Lsn lsn) {
 }
 
 void Follower::finish_stage() {
-  Stage::Applied a = stage_->apply(node_.store(), node_.identity().block_size);
+  Stage::Applied a;
+  {
+    // Readers of the mount wait while the backing directory is switched (several passes).
+    struct Hold {
+      CacheInvalidator* inv;
+      explicit Hold(CacheInvalidator* i) : inv(i) {
+        if (inv) inv->hold_readers();
+      }
+      ~Hold() {
+        if (inv) inv->release_readers();
+      }
+    } hold(invalidator_);
+    a = stage_->apply(node_.store(), node_.identity().block_size);
+  }
   if (!cfg_.no_fsync) {
     if (int err = node_.store().sync_all()) throw_errno("cannot sync " + node_.data_path(), err);
   }

@@ -11,6 +11,7 @@
 #include <thread>
 #include <cerrno>
 #include <cinttypes>
+#include <shared_mutex>
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
@@ -39,6 +40,12 @@ struct Filesystem::Impl : public CacheInvalidator {
   std::atomic<fuse_session*> se{nullptr};
   // A slave's mount refuses changes; `promote` lifts that while mounted (the replica says).
   bool read_only() const { return !cfg.writable(); }
+
+  // Taken shared by every operation on a read-only (replica) mount, exclusively by a stage
+  // switch. A writable mount never switches stages, so it takes nothing.
+  std::shared_mutex switch_mu;
+  void hold_readers() override { switch_mu.lock(); }
+  void release_readers() override { switch_mu.unlock(); }
   explicit Impl(Node& n, MountConfig& c) : node(n), cfg(c) {}
   ~Impl() { stop_deferred(); }
 
@@ -1034,41 +1041,57 @@ ssize_t read_request(int fd, void* buf, size_t len, void*) {
   return n;
 }
 
+// Every operation on a replica's mount runs while no stage switch is in progress (see
+// CacheInvalidator::hold_readers): it sees the replica before the switch or after it.
+template <auto Op>
+struct Guarded;
+template <typename... Args, void (*Op)(fuse_req_t, Args...)>
+struct Guarded<Op> {
+  static void call(fuse_req_t req, Args... args) {
+    Impl& fs = impl_of(req);
+    if (!fs.read_only()) return Op(req, args...);
+    std::shared_lock lk(fs.switch_mu);
+    Op(req, args...);
+  }
+};
+template <auto Op>
+constexpr auto guarded = &Guarded<Op>::call;
+
 fuse_lowlevel_ops make_ops() {
   fuse_lowlevel_ops ops{};
   ops.init = op_init;
-  ops.lookup = op_lookup;
-  ops.forget = op_forget;
-  ops.forget_multi = op_forget_multi;
-  ops.getattr = op_getattr;
-  ops.setattr = op_setattr;
-  ops.readlink = op_readlink;
-  ops.mknod = op_mknod;
-  ops.mkdir = op_mkdir;
-  ops.symlink = op_symlink;
-  ops.link = op_link;
-  ops.unlink = op_unlink;
-  ops.rmdir = op_rmdir;
-  ops.rename = op_rename;
-  ops.open = op_open;
-  ops.create = op_create;
-  ops.read = op_read;
-  ops.write = op_write;
-  ops.flush = op_flush;
-  ops.release = op_release;
-  ops.fsync = op_fsync;
-  ops.opendir = op_opendir;
-  ops.readdir = op_readdir;
-  ops.readdirplus = op_readdirplus;
-  ops.releasedir = op_releasedir;
-  ops.fsyncdir = op_fsyncdir;
-  ops.statfs = op_statfs;
-  ops.fallocate = op_fallocate;
-  ops.lseek = op_lseek;
-  ops.getxattr = op_getxattr;
-  ops.listxattr = op_listxattr;
-  ops.setxattr = op_setxattr;
-  ops.removexattr = op_removexattr;
+  ops.lookup = guarded<op_lookup>;
+  ops.forget = guarded<op_forget>;
+  ops.forget_multi = guarded<op_forget_multi>;
+  ops.getattr = guarded<op_getattr>;
+  ops.setattr = guarded<op_setattr>;
+  ops.readlink = guarded<op_readlink>;
+  ops.mknod = guarded<op_mknod>;
+  ops.mkdir = guarded<op_mkdir>;
+  ops.symlink = guarded<op_symlink>;
+  ops.link = guarded<op_link>;
+  ops.unlink = guarded<op_unlink>;
+  ops.rmdir = guarded<op_rmdir>;
+  ops.rename = guarded<op_rename>;
+  ops.open = guarded<op_open>;
+  ops.create = guarded<op_create>;
+  ops.read = guarded<op_read>;
+  ops.write = guarded<op_write>;
+  ops.flush = guarded<op_flush>;
+  ops.release = guarded<op_release>;
+  ops.fsync = guarded<op_fsync>;
+  ops.opendir = guarded<op_opendir>;
+  ops.readdir = guarded<op_readdir>;
+  ops.readdirplus = guarded<op_readdirplus>;
+  ops.releasedir = guarded<op_releasedir>;
+  ops.fsyncdir = guarded<op_fsyncdir>;
+  ops.statfs = guarded<op_statfs>;
+  ops.fallocate = guarded<op_fallocate>;
+  ops.lseek = guarded<op_lseek>;
+  ops.getxattr = guarded<op_getxattr>;
+  ops.listxattr = guarded<op_listxattr>;
+  ops.setxattr = guarded<op_setxattr>;
+  ops.removexattr = guarded<op_removexattr>;
   return ops;
 }
 
