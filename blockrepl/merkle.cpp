@@ -575,22 +575,63 @@ void park(int dirfd, const std::string& name, int park_fd, uint64_t& counter, co
   }
 }
 
-void set_metadata(int dirfd, const NsEntryInfo& e, const std::string& where) {
-  const char* name = e.name.c_str();
-  if (fchownat(dirfd, name, e.uid, e.gid, AT_SYMLINK_NOFOLLOW) != 0) throw_errno("cannot chown " + where, errno);
-  if (!S_ISLNK(e.mode) && fchmodat(dirfd, name, e.mode & 07777, 0) != 0) throw_errno("cannot chmod " + where, errno);
-  if (S_ISLNK(e.mode)) return;  // user xattrs are not allowed on symlinks
-  const std::string proc = fd_path(dirfd, name);
-  auto have = list_xattrs(proc);
-  for (auto& [n, v] : have) {
+// Applies a change of the stage through the Store, the one write path (its checks, its errors).
+void apply_through(Store& store, const Record& rec, const Targets& t, const std::string& what) {
+  if (int err = store.apply(rec, t)) throw_errno("cannot " + what, err);
+}
+
+// Owner, mode and xattrs of an entry as listed, through the Store. The owner first: a chown
+// clears the set-id bits, which the mode then sets as the master has them.
+void set_metadata(Store& store, int dirfd, const NsEntryInfo& e, const std::string& where) {
+  OwnedFd entry(openat(dirfd, e.name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+  if (!entry) throw_errno("cannot open " + where, errno);
+  Targets t;
+  t.path_fd = entry.get();
+  Record owner;
+  owner.op = Op::setattr;
+  owner.fid = e.fid;
+  owner.attr_valid = kAttrUid | kAttrGid;
+  owner.uid = e.uid;
+  owner.gid = e.gid;
+  apply_through(store, owner, t, "chown " + where);
+  if (S_ISLNK(e.mode)) return;  // no mode, and user xattrs are not allowed on symlinks
+  Record mode;
+  mode.op = Op::setattr;
+  mode.fid = e.fid;
+  mode.attr_valid = kAttrMode;
+  mode.mode = e.mode;
+  apply_through(store, mode, t, "chmod " + where);
+  // Through the directory: llistxattr on /proc/self/fd/N would list the magic link's own.
+  for (auto& [n, v] : list_xattrs(fd_path(dirfd, e.name.c_str()))) {
     bool keep = std::any_of(e.xattrs.begin(), e.xattrs.end(), [&](auto& x) { return x.first == n; });
-    if (!keep) lremovexattr(proc.c_str(), n.c_str());
+    if (keep) continue;
+    Record rm;
+    rm.op = Op::removexattr;
+    rm.fid = e.fid;
+    rm.name = n;
+    apply_through(store, rm, t, "remove xattr " + n + " of " + where);
   }
   for (auto& [n, v] : e.xattrs) {
-    if (n.rfind(kReservedXattrPrefix, 0) == 0) continue;
-    if (lsetxattr(proc.c_str(), n.c_str(), v.data(), v.size(), 0) != 0)
-      LOG_WARN("cannot set xattr %s on %s: %s", n.c_str(), where.c_str(), strerror(errno));
+    if (n.rfind(kReservedXattrPrefix, 0) == 0) continue;  // ours: never from a peer
+    Record set;
+    set.op = Op::setxattr;
+    set.fid = e.fid;
+    set.name = n;
+    set.data = v;
+    apply_through(store, set, t, "set xattr " + n + " on " + where);
   }
+}
+
+// The mtime a listing gives an entry (or a listed directory), through the Store.
+void set_mtime(Store& store, int fd, FileId fid, timespec mtime, const std::string& where) {
+  Record rec;
+  rec.op = Op::setattr;
+  rec.fid = fid;
+  rec.attr_valid = kAttrMtime;
+  rec.mtime = mtime;
+  Targets t;
+  t.path_fd = fd;
+  apply_through(store, rec, t, "set the mtime of " + where);
 }
 
 }  // namespace
@@ -652,7 +693,7 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       if (present) {
         auto fid = read_file_id(dfd, name);
         if (fid && *fid == e.fid && (st.st_mode & S_IFMT) == (e.mode & S_IFMT)) {
-          set_metadata(dfd, e, p);
+          set_metadata(store, dfd, e, p + " in " + where_);
           continue;
         }
         park(dfd, e.name, park_fd, counter, where_);
@@ -662,31 +703,45 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       Fd have_fd = index.get(e.fid);
       const int have = have_fd.get();
       struct stat hs;
+      Record rec;
+      rec.fid = e.fid;
+      rec.parent = l.fid;
+      rec.name = e.name;
+      Targets t;
+      t.parent_fd = dfd;
       if (have >= 0 && fstat(have, &hs) == 0 && (hs.st_mode & S_IFMT) == (e.mode & S_IFMT)) {
         if (S_ISDIR(e.mode)) {
           // A directory moved: rename it from wherever it is now.
           char cur[4096];
           ssize_t n = readlink(fd_path(have).c_str(), cur, sizeof cur - 1);
           if (n <= 0) throw_errno("cannot locate directory " + p + " in " + where_, errno);
-          cur[n] = 0;
-          if (renameat(AT_FDCWD, cur, dfd, name) != 0) throw_errno("cannot move directory into " + p + " in " + where_, errno);
-        } else if (linkat(have, "", dfd, name, AT_EMPTY_PATH) != 0) {
-          throw_errno("cannot link " + p + " in " + where_, errno);
+          const std::string from(cur, static_cast<size_t>(n));
+          OwnedFd from_parent(openat(have, "..", O_PATH | O_DIRECTORY | O_CLOEXEC));
+          if (!from_parent) throw_errno("cannot open the directory holding " + from, errno);
+          rec.op = Op::rename;
+          rec.name = from.substr(from.rfind('/') + 1);
+          rec.parent = read_file_id(from_parent.get(), "").value_or(kInvalidFileId);
+          rec.parent2 = l.fid;
+          rec.name2 = e.name;
+          t.parent_fd = from_parent.get();
+          t.parent2_fd = dfd;
+          apply_through(store, rec, t, "move directory " + from + " to " + p + " in " + where_);
+        } else {
+          rec.op = Op::link;
+          t.path_fd = have;
+          apply_through(store, rec, t, "link " + p + " in " + where_);
         }
       } else {
-        int rc;
-        if (S_ISDIR(e.mode)) rc = mkdirat(dfd, name, 0700);
-        else if (S_ISLNK(e.mode)) rc = symlinkat(e.link_target.c_str(), dfd, name);
-        else if (S_ISREG(e.mode)) {
-          int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-          rc = fd < 0 ? -1 : close(fd);
-        } else rc = mknodat(dfd, name, e.mode, static_cast<dev_t>(e.rdev));
-        if (rc != 0) throw_errno("cannot create " + p + " in " + where_, errno);
-        if (write_file_id(dfd, name, e.fid) != 0) throw_errno("cannot set the file id of " + p + " in " + where_, errno);
+        rec.op = S_ISDIR(e.mode) ? Op::mkdir : S_ISLNK(e.mode) ? Op::symlink : Op::create;
+        rec.mode = e.mode;
+        rec.uid = e.uid;
+        rec.gid = e.gid;
+        rec.rdev = e.rdev;
+        rec.data = e.link_target;
+        apply_through(store, rec, t, "create " + p + " in " + where_);
         index.add(e.fid, dfd, name);
-        if (S_ISREG(e.mode) && store.hashes()) store.hashes()->created(e.fid);
       }
-      set_metadata(dfd, e, p);
+      set_metadata(store, dfd, e, p + " in " + where_);
     }
     // Names the master does not have go to the park (deleted at the end).
     int rfd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -766,23 +821,20 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
         if (int err = store.apply(t); err && err != ENOENT)
           throw_errno("cannot size " + join_path(l.path, e.name) + " in " + where_, err);
       }
-      int dfd = open_dir_path(root_fd, l.path);
-      if (dfd < 0) continue;
-      const timespec ts[2] = {{0, UTIME_OMIT}, e.mtime};
-      utimensat(dfd, e.name.c_str(), ts, AT_SYMLINK_NOFOLLOW);
-      close(dfd);
+      OwnedFd dfd(open_dir_path(root_fd, l.path));
+      if (!dfd) continue;
+      OwnedFd entry(openat(dfd.get(), e.name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+      if (!entry) continue;  // removed by a record below
+      set_mtime(store, entry.get(), e.fid, e.mtime, join_path(l.path, e.name) + " in " + where_);
     }
   }
 
   // Directories' times as listed, deepest first (listings come parents first), now that their
   // entries are in place: the records below stamp their own changes after these.
   for (auto it = listings.rbegin(); it != listings.rend(); ++it) {
-    int dfd = open_dir_path(root_fd, it->path);
-    if (dfd < 0) continue;
-    const timespec ts[2] = {{0, UTIME_OMIT}, it->mtime};
-    if (utimensat(AT_FDCWD, fd_path(dfd).c_str(), ts, 0) != 0)
-      LOG_WARN("stage of %s: cannot set the mtime of directory '%s': %s", where_.c_str(), it->path.c_str(), strerror(errno));
-    close(dfd);
+    OwnedFd dfd(open_dir_path(root_fd, it->path));
+    if (!dfd) continue;
+    set_mtime(store, dfd.get(), it->fid, it->mtime, "directory '" + it->path + "' in " + where_);
   }
 
   // Pass 3: the records that followed the diff, up to the commit point, tolerantly (some may
