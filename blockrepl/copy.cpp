@@ -392,37 +392,19 @@ void remove_tree_at(int dirfd, const char* name) {
 }
 
 void wipe_data_dir(int root_fd) {
-  int fd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw_errno("cannot open the data directory", errno);
-  DIR* d = fdopendir(fd);
-  std::vector<std::pair<std::string, bool>> entries;
-  while (dirent* de = readdir(d)) {
-    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || is_hidden_root_entry(de->d_name, de->d_type)) continue;
-    entries.emplace_back(de->d_name, de->d_type == DT_DIR);
+  const DirListing listing = list_dir(root_fd, /*at_volume_root=*/true);
+  if (listing.error) throw_errno("cannot read the data directory to wipe it", listing.error);
+  for (const DirEntry& e : listing.entries) {
+    if (e.is_dir()) remove_tree_at(root_fd, e.name.c_str());
+    else unlinkat(root_fd, e.name.c_str(), 0);
   }
-  for (auto& [n, is_dir] : entries) {
-    if (is_dir) remove_tree_at(fd, n.c_str());
-    else unlinkat(fd, n.c_str(), 0);
-  }
-  closedir(d);
 }
 
 std::vector<std::string> data_dir_entries(int root_fd, size_t max) {
+  DirListing listing = list_dir(root_fd, /*at_volume_root=*/true, max);
+  if (listing.error) throw_errno("cannot read the data directory", listing.error);
   std::vector<std::string> names;
-  int fd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw_errno("cannot open the data directory", errno);
-  DIR* d = fdopendir(fd);
-  if (!d) {
-    int e = errno;
-    close(fd);
-    throw_errno("cannot read the data directory", e);
-  }
-  while (dirent* de = readdir(d)) {
-    if (names.size() >= max) break;
-    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..") || is_hidden_root_entry(de->d_name, de->d_type)) continue;
-    names.emplace_back(de->d_name);
-  }
-  closedir(d);
+  for (DirEntry& e : listing.entries) names.push_back(std::move(e.name));
   return names;
 }
 

@@ -1,6 +1,5 @@
 #include "blockrepl/files.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 
@@ -317,28 +316,18 @@ size_t FileRegistry::pinned_orphans() const {
 size_t FileRegistry::scan() { return scan_dir(root_fd_, 0); }
 
 size_t FileRegistry::scan_dir(int dirfd, int depth) {
-  int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return 0;
-  DIR* d = fdopendir(fd);
-  if (!d) {
-    close(fd);
-    return 0;
-  }
   size_t n = 0;
   std::vector<std::string> subdirs;
-  while (dirent* de = readdir(d)) {
-    const char* name = de->d_name;
-    if (!strcmp(name, ".") || !strcmp(name, "..")) continue;
-    if (depth == 0 && is_hidden_root_entry(name, de->d_type)) continue;
+  for (const DirEntry& de : list_dir(dirfd, depth == 0).entries) {
+    const char* name = de.name.c_str();
     auto fid = read_file_id(dirfd, name);
     if (!fid) {
       LOG_DEBUG("scan: %s has no file id; ignored", name);
       continue;
     }
     if (add(*fid, dirfd, name) == 0) n++;
-    if (de->d_type == DT_DIR) subdirs.emplace_back(name);
+    if (de.is_dir()) subdirs.push_back(de.name);
   }
-  closedir(d);
   // Subdirectories after the listing is closed: at most one descriptor per level is open.
   for (const std::string& name : subdirs) {
     OwnedFd sub(openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));

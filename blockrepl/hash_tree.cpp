@@ -12,6 +12,7 @@
 #include <xxhash.h>
 
 #include "blockrepl/error.h"
+#include "blockrepl/fsutil.h"
 #include "blockrepl/log.h"
 
 namespace blockrepl {
@@ -42,6 +43,8 @@ size_t pread_full(int fd, char* buf, size_t len, uint64_t off) {
   }
   return done;
 }
+
+std::string_view bytes_of(const void* data, size_t len) { return {static_cast<const char*>(data), len}; }
 
 void write_full(int fd, const void* data, size_t len, uint64_t off, const std::string& what) {
   const char* p = static_cast<const char*>(data);
@@ -474,7 +477,6 @@ std::string FileHashTree::saved_name(FileId fid) {
 void FileHashTree::save(int dirfd, FileId fid, bool durable) const {
   require_clean("save()");
   const std::string name = saved_name(fid);
-  const std::string tmp = name + ".tmp";
   const std::string what = "saved hash tree " + name + " of " + label_;
   LeavesHeader h{};
   memcpy(h.magic, kLeavesMagic, sizeof h.magic);
@@ -486,25 +488,10 @@ void FileHashTree::save(int dirfd, FileId fid, bool durable) const {
   const size_t leaf_bytes = leaves.size() * sizeof(Hash128);
   const Hash128 sum = leaves_checksum(h, leaves);
 
-  int fd = openat(dirfd, tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) throw_errno("cannot write " + what, errno);
-  try {
-    write_full(fd, &h, sizeof h, 0, what);
-    write_full(fd, leaves.data(), leaf_bytes, sizeof h, what);
-    write_full(fd, &sum, sizeof sum, sizeof h + leaf_bytes, what);
-    if (durable && fsync(fd) != 0) throw_errno("cannot sync " + what, errno);
-  } catch (...) {
-    close(fd);
-    unlinkat(dirfd, tmp.c_str(), 0);
-    throw;
-  }
-  close(fd);
-  if (renameat(dirfd, tmp.c_str(), dirfd, name.c_str()) != 0) {
-    int e = errno;
-    unlinkat(dirfd, tmp.c_str(), 0);
-    throw_errno("cannot write " + what, e);
-  }
-  if (durable && fsync(dirfd) != 0) throw_errno("cannot sync the folder of " + what, errno);
+  // Written to <name>.tmp and renamed, so a crash leaves the old leaves or the new, never a mix;
+  // synced (file and folder) only when durable: otherwise the checkpoint syncs them once.
+  const std::string_view pieces[] = {bytes_of(&h, sizeof h), bytes_of(leaves.data(), leaf_bytes), bytes_of(&sum, sizeof sum)};
+  if (int err = write_file_atomically(dirfd, name.c_str(), pieces, durable)) throw_errno("cannot write " + what, err);
 }
 
 bool FileHashTree::load(int dirfd, FileId fid) {

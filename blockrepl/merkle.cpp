@@ -4,7 +4,6 @@
 #include <cerrno>
 #include <cinttypes>
 #include <cstring>
-#include <dirent.h>
 #include <endian.h>
 #include <sys/uio.h>
 #include <fcntl.h>
@@ -19,6 +18,7 @@
 #include "blockrepl/copy.h"
 #include "blockrepl/error.h"
 #include "blockrepl/file_id.h"
+#include "blockrepl/fsutil.h"
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
 #include "blockrepl/namespace.h"
@@ -459,14 +459,8 @@ void Stage::commit(Lsn lsn) {
   if (frames_fd_ < 0) throw Error("stage of " + where_ + " was not begun");
   if (durable_ && fdatasync(frames_fd_) != 0) throw_errno("cannot sync the stage in " + where_, errno);
   const std::string text = std::to_string(lsn) + "\n";
-  int fd = openat(dir_fd_, "commit.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) throw_errno("cannot write the stage commit marker in " + where_, errno);
-  bool ok = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && (!durable_ || fsync(fd) == 0);
-  int err = errno;
-  close(fd);
-  if (!ok) throw_errno("cannot write the stage commit marker in " + where_, err);
-  if (renameat(dir_fd_, "commit.tmp", dir_fd_, kCommitName) != 0) throw_errno("cannot commit the stage in " + where_, errno);
-  if (durable_ && fsync(dir_fd_) != 0) throw_errno("cannot sync the stage in " + where_, errno);
+  if (int err = write_file_atomically(dir_fd_, kCommitName, text, durable_))
+    throw_errno("cannot commit the stage in " + where_ + " (writing its commit marker)", err);
 }
 
 void Stage::discard() {
@@ -516,25 +510,12 @@ class FidIndex {
     return out;
   }
   void scan(int dirfd, bool top) {
-    int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return;
-    DIR* d = fdopendir(fd);
-    if (!d) {
-      close(fd);
-      return;
-    }
-    std::vector<std::pair<std::string, bool>> names;
-    while (dirent* de = readdir(d)) {
-      if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-      if (top && is_hidden_root_entry(de->d_name, de->d_type)) continue;
-      names.emplace_back(de->d_name, de->d_type == DT_DIR);
-    }
-    closedir(d);
-    for (auto& [name, is_dir] : names) {
-      auto fid = read_file_id(dirfd, name.c_str());
-      if (fid) add(*fid, dirfd, name.c_str());
-      if (is_dir) {
-        OwnedFd sub(openat(dirfd, name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    for (const DirEntry& de : list_dir(dirfd, top).entries) {
+      const char* name = de.name.c_str();
+      auto fid = read_file_id(dirfd, name);
+      if (fid) add(*fid, dirfd, name);
+      if (de.is_dir()) {
+        OwnedFd sub(openat(dirfd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
         if (sub) scan(sub.get(), false);
       }
     }
@@ -744,19 +725,10 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       set_metadata(store, dfd, e, p + " in " + where_);
     }
     // Names the master does not have go to the park (deleted at the end).
-    int rfd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (DIR* d = rfd >= 0 ? fdopendir(rfd) : nullptr) {
-      std::vector<std::string> extra;
-      while (dirent* de = readdir(d)) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        if (l.path.empty() && is_hidden_root_entry(de->d_name, de->d_type)) continue;
-        if (!wanted.count(de->d_name)) extra.emplace_back(de->d_name);
-      }
-      closedir(d);
-      for (auto& n : extra) {
-        park(dfd, n, park_fd, counter, where_);
-        out.names.emplace_back(l.fid, n);
-      }
+    for (const DirEntry& de : list_dir(dfd, l.path.empty()).entries) {
+      if (wanted.count(de.name)) continue;
+      park(dfd, de.name, park_fd, counter, where_);
+      out.names.emplace_back(l.fid, de.name);
     }
   }
 

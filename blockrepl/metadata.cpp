@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "blockrepl/error.h"
+#include "blockrepl/fsutil.h"
 
 namespace blockrepl {
 
@@ -159,16 +160,10 @@ void store_identity(int meta_fd, const Identity& id, const std::string& data_pat
   out << "\n";
   const std::string text = out.str();
   const std::string where = data_path + "/" + kMetadataDirName + "/identity";
-  int fd = openat(meta_fd, "identity.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) throw_errno("cannot write " + where, errno);
-  if (write(fd, text.data(), text.size()) != static_cast<ssize_t>(text.size()) || fsync(fd) != 0) {
-    int e = errno ? errno : EIO;
-    close(fd);
-    throw_errno("cannot write " + where, e);
-  }
-  close(fd);
-  if (renameat(meta_fd, "identity.tmp", meta_fd, kIdentityFile) != 0) throw_errno("cannot write " + where, errno);
-  if (fsync(meta_fd) != 0) throw_errno("cannot sync " + data_path + "/" + kMetadataDirName, errno);
+  // Always durable: a node that forgot its identity (or its LSN reservation) after a crash
+  // would reuse LSNs or look like a different node.
+  if (int err = write_file_atomically(meta_fd, kIdentityFile, text, /*durable=*/true))
+    throw_errno("cannot write " + where + " durably", err);
 }
 
 }  // namespace blockrepl

@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "blockrepl/error.h"
 #include "blockrepl/file_id.h"
+#include "blockrepl/fsutil.h"
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
 
@@ -21,11 +21,6 @@ void put_u64(std::string& b, uint64_t v) { b.append(reinterpret_cast<const char*
 void put_str(std::string& b, const std::string& s) {
   put_u64(b, s.size());
   b += s;
-}
-
-bool valid_component(const std::string& c) {
-  return !c.empty() && c != "." && c != ".." && c.size() <= 255 && c.find('/') == std::string::npos &&
-         c.find('\0') == std::string::npos;
 }
 
 }  // namespace
@@ -70,20 +65,10 @@ Hash128 NamespaceSnapshot::walk(int dirfd, const std::string& rel, FileId fid, H
   DirInfo info;
   info.fid = fid;
   if (struct stat self; fstat(dirfd, &self) == 0) info.mtime = self.st_mtim;
-  int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  // An unreadable directory is listed as what could be read: its hash then differs from the
+  // peer's and the diff names it.
   std::vector<std::string> names;
-  if (fd >= 0) {
-    if (DIR* d = fdopendir(fd)) {
-      while (dirent* de = readdir(d)) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        if (rel.empty() && is_hidden_root_entry(de->d_name, de->d_type)) continue;
-        names.emplace_back(de->d_name);
-      }
-      closedir(d);
-    } else {
-      close(fd);
-    }
-  }
+  for (DirEntry& de : list_dir(dirfd, rel.empty()).entries) names.push_back(std::move(de.name));
   std::sort(names.begin(), names.end());
   for (const std::string& name : names) {
     struct stat st;
@@ -202,7 +187,7 @@ NsEntryInfo from_wire(wire::NsEntry::Reader in) {
   NsEntryInfo e;
   auto name = in.getName();
   e.name.assign(reinterpret_cast<const char*>(name.begin()), name.size());
-  if (!valid_component(e.name) || e.name == kMetadataDirName)
+  if (!valid_path_component(e.name) || e.name == kMetadataDirName)
     throw Error("peer sent a directory entry with a bad name", EPROTO);
   e.fid = in.getFid();
   if (e.fid == kInvalidFileId) throw Error("peer sent entry '" + e.name + "' without a file id", EPROTO);
@@ -238,8 +223,8 @@ bool valid_relative_path(const std::string& rel) {
   while (start <= rel.size()) {
     size_t slash = rel.find('/', start);
     if (slash == std::string::npos) slash = rel.size();
-    std::string c = rel.substr(start, slash - start);
-    if (!valid_component(c)) return false;
+    const std::string_view c = std::string_view(rel).substr(start, slash - start);
+    if (!valid_path_component(c)) return false;
     if (first && c == kMetadataDirName) return false;
     first = false;
     start = slash + 1;
@@ -252,24 +237,9 @@ int open_dir_path(int root_fd, const std::string& rel) {
     errno = EINVAL;
     return -1;
   }
-  int fd = openat(root_fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0 || rel.empty()) return fd;
-  size_t start = 0;
-  while (start <= rel.size()) {
-    size_t slash = rel.find('/', start);
-    if (slash == std::string::npos) slash = rel.size();
-    std::string c = rel.substr(start, slash - start);
-    int next = openat(fd, c.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    int e = errno;
-    close(fd);
-    if (next < 0) {
-      errno = e;
-      return -1;
-    }
-    fd = next;
-    start = slash + 1;
-  }
-  return fd;
+  // Checked above, and resolved by the kernel beneath root_fd without following any symlink:
+  // a directory swapped for a symlink between the check and the open leads nowhere else.
+  return open_beneath(root_fd, rel.empty() ? "." : rel.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
 }
 
 }  // namespace blockrepl

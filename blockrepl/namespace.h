@@ -77,10 +77,12 @@ NsEntryInfo from_wire(wire::NsEntry::Reader in);
 kj::ArrayPtr<const kj::byte> hash_bytes_of(const Hash128& h);
 Hash128 hash_from(capnp::Data::Reader d);
 
-// Opens directory `rel` under root_fd component by component without following symlinks, as
-// O_PATH; -1 with errno set if it does not exist or is not a directory. A path from a peer
-// with "..", empty or absolute components, or leading into the metadata folder is refused with
-// EINVAL.
+// Opens directory `rel` under root_fd as O_PATH, resolved beneath root_fd without following
+// any symlink (open_beneath in fsutil.h); -1 with errno set if it does not exist, is not a
+// directory or a component is a symlink (ELOOP). A path from a peer with "..", empty or
+// absolute components, or leading into the metadata folder is refused with EINVAL.
+// valid_relative_path is that check: each component valid_path_component, the first not the
+// metadata folder.
 int open_dir_path(int root_fd, const std::string& rel);
 bool valid_relative_path(const std::string& rel);
 
