@@ -31,21 +31,9 @@ class TreeSender {
   TreeSender(Connection& conn, bool assign_ids) : conn_(conn), assign_ids_(assign_ids) {}
 
   void walk(int dirfd, const std::string& rel) {
-    int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return;  // removed while we walk: the records will tell
-    DIR* d = fdopendir(fd);
-    if (!d) {
-      close(fd);
-      return;
-    }
-    std::vector<std::string> names;
-    while (dirent* de = readdir(d)) {
-      if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-      if (rel.empty() && is_hidden_root_entry(de->d_name, de->d_type)) continue;
-      names.emplace_back(de->d_name);
-    }
-    closedir(d);  // before descending: a copy aborted by an exception leaks no stream
-    for (const std::string& name : names) send_entry(dirfd, rel, name);
+    // list_dir closes the stream before we descend: a copy aborted by an exception leaks none.
+    // A directory removed while we walk lists as empty: the records will tell.
+    for (const DirEntry& de : list_dir(dirfd, rel.empty()).entries) send_entry(dirfd, rel, de.name);
   }
 
   CopyStats stats;
@@ -173,10 +161,6 @@ class TreeSender {
 
 std::string text_of(capnp::Data::Reader d) { return std::string(reinterpret_cast<const char*>(d.begin()), d.size()); }
 
-bool valid_component(const std::string& c) {
-  return !c.empty() && c != "." && c != ".." && c.size() <= 255 && c.find('\0') == std::string::npos;
-}
-
 }  // namespace
 
 CopyStats send_full_copy(Connection& conn, int root_fd, bool assign_ids) {
@@ -216,7 +200,7 @@ int CopyReceiver::open_parent(const std::string& path, std::string* leaf) {
     size_t slash = path.find('/', start);
     if (slash == std::string::npos) slash = path.size();
     std::string c = path.substr(start, slash - start);
-    if (!valid_component(c)) throw Error("copy: bad path '" + path + "' from peer", EPROTO);
+    if (!valid_path_component(c)) throw Error("copy: bad path '" + path + "' from peer", EPROTO);
     parts.push_back(c);
     start = slash + 1;
   }

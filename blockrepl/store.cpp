@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "blockrepl/file_id.h"
+#include "blockrepl/fsutil.h"
 #include "blockrepl/hash_index.h"
 #include "blockrepl/log.h"
 
@@ -46,13 +47,6 @@ int write_all(int fd, const char* p, size_t n, uint64_t off, size_t* done = null
 }
 
 int ok_or_errno(int rc) { return rc == 0 ? 0 : errno; }
-
-// A name from a record must be one path component: a hostile or broken peer must not reach
-// outside the directory it names.
-bool valid_name(const std::string& name) {
-  return !name.empty() && name.size() <= 255 && name != "." && name != ".." &&
-         name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
-}
 
 }  // namespace
 
@@ -251,7 +245,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::mkdir:
     case Op::symlink: {
       if (t.parent_fd < 0) return ENOENT;
-      if (!valid_name(rec.name)) return EINVAL;
+      if (!valid_path_component(rec.name)) return EINVAL;
       int rc;
       if (rec.op == Op::mkdir) {
         rc = mkdirat(t.parent_fd, rec.name.c_str(), rec.mode & 07777);
@@ -266,21 +260,21 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     }
     case Op::link: {
       if (t.path_fd < 0 || t.parent_fd < 0) return ENOENT;
-      if (!valid_name(rec.name)) return EINVAL;
+      if (!valid_path_component(rec.name)) return EINVAL;
       if (linkat(t.path_fd, "", t.parent_fd, rec.name.c_str(), AT_EMPTY_PATH) != 0) return errno;
       return 0;
     }
     case Op::unlink:
     case Op::rmdir: {
       if (t.parent_fd < 0) return ENOENT;
-      if (!valid_name(rec.name)) return EINVAL;
+      if (!valid_path_component(rec.name)) return EINVAL;
       if (unlinkat(t.parent_fd, rec.name.c_str(), rec.op == Op::rmdir ? AT_REMOVEDIR : 0) != 0) return errno;
       maybe_orphaned(rec.fid);
       return 0;
     }
     case Op::rename: {
       if (t.parent_fd < 0 || t.parent2_fd < 0) return ENOENT;
-      if (!valid_name(rec.name) || !valid_name(rec.name2)) return EINVAL;
+      if (!valid_path_component(rec.name) || !valid_path_component(rec.name2)) return EINVAL;
       // A rename over an existing file takes that file's name away.
       const FileId replaced = (rec.flags & RENAME_EXCHANGE) ? kInvalidFileId
                                                              : read_file_id(t.parent2_fd, rec.name2.c_str()).value_or(kInvalidFileId);
@@ -371,7 +365,7 @@ int Store::sync_all() {
 
 FileId Store::entry_fid(FileId dir, const std::string& name) {
   Fd dfd = files_.path(dir);
-  if (!dfd || !valid_name(name)) return kInvalidFileId;
+  if (!dfd || !valid_path_component(name)) return kInvalidFileId;
   return read_file_id(dfd.get(), name.c_str()).value_or(kInvalidFileId);
 }
 
@@ -406,7 +400,7 @@ int Store::apply_replayed(const Record& rec) {
       }
       Fd pfd = files_.path(rec.parent);
       struct stat st;
-      if (pfd && valid_name(rec.name) && fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+      if (pfd && valid_path_component(rec.name) && fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
         // Created but not yet tagged when the daemon died: finish the job.
         return apply_created(rec, pfd.get());
       }
@@ -422,7 +416,7 @@ int Store::apply_replayed(const Record& rec) {
         // Renamed already; the whiteout may have been left untagged when the daemon died.
         Fd pfd = files_.path(rec.parent);
         struct stat st;
-        if (pfd && valid_name(rec.name) && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
+        if (pfd && valid_path_component(rec.name) && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
             fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == 0) {
           if (int err = apply_whiteout(rec, pfd.get())) return err;
           const timespec ts[2] = {{0, UTIME_OMIT}, rec.mtime};
