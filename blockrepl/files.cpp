@@ -242,6 +242,15 @@ void FileRegistry::maybe_orphaned(FileId fid, bool pin) {
   std::lock_guard lk(mu_);
   Entry* e = find(fid);
   if (!e || fid == kRootFileId || e->orphan) return;
+  if (!pin) {
+    // Whether or not a name is left, dropping the cached descriptors is right: they reopen by
+    // handle if it is, and the space comes back once its users close it if it is not. No need
+    // to open it to find out (this runs for every unlink on a master).
+    uncache(*e);
+    e->path = Fd();
+    e->rw = Fd();
+    return;
+  }
   Fd p = open_path(fid, *e);
   if (!p) return;  // gone already
   struct stat st;
