@@ -92,6 +92,39 @@ Hash128 zero_block_hash(uint32_t block_size) {
   return h;
 }
 
+namespace {
+// Deeper than any tree: 2^64 bytes in 512-byte blocks is 2^55 leaves, 11 levels at F = 64.
+constexpr unsigned kMaxLevels = 12;
+
+unsigned levels_for_blocks(uint64_t n) {
+  unsigned l = 1;
+  while (n > 1) {
+    n = div_ceil(n, kF);
+    l++;
+  }
+  return l;
+}
+
+// full_zero_hashes(bs)[k]: a node at level k over F^k zero blocks. Each level hashes F copies of
+// the one below, exactly as a node over real children does, so zeros need no storage.
+const std::vector<Hash128>& full_zero_hashes(uint32_t block_size) {
+  static std::mutex mu;
+  static std::map<uint32_t, std::vector<Hash128>> cache;  // never erased: references stay valid
+  std::lock_guard lk(mu);
+  auto [it, inserted] = cache.try_emplace(block_size);
+  if (inserted) {
+    std::vector<Hash128> children(kF);
+    Hash128 h = zero_block_hash(block_size);
+    for (unsigned k = 0; k < kMaxLevels; k++) {
+      it->second.push_back(h);
+      std::fill(children.begin(), children.end(), h);
+      h = hash_bytes(children.data(), children.size() * sizeof(Hash128));
+    }
+  }
+  return it->second;
+}
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // FileHashTree: shape
 
@@ -102,17 +135,92 @@ FileHashTree::FileHashTree(uint32_t block_size, std::string label)
                 " is not a power of two between 512 and 16 MiB");
   shift_ = static_cast<unsigned>(std::countr_zero(block_size));
   zero_hash_ = zero_block_hash(block_size);
+  full_zeros_ = &full_zero_hashes(block_size);
   levels_.resize(1);
 }
 
-unsigned FileHashTree::levels_for(uint64_t file_size, uint32_t block_size) {
-  uint64_t n = div_ceil(file_size, block_size);
-  unsigned l = 1;
-  while (n > 1) {
-    n = div_ceil(n, kF);
-    l++;
+uint64_t FileHashTree::block_count() const { return levels_[0].size; }
+
+Hash128 FileHashTree::full_zero(unsigned level) const { return (*full_zeros_)[level]; }
+
+Hash128 FileHashTree::zero_node(unsigned level, uint64_t index) const {
+  // Only the last node of a level can have fewer children than F below it.
+  if (index + 1 == levels_[level].size && level < edge_zeros_.size()) return edge_zeros_[level];
+  return full_zero(level);
+}
+
+Hash128 FileHashTree::get(unsigned level, uint64_t index) const {
+  const auto& chunks = levels_[level].chunks;
+  auto it = chunks.find(index / kF);
+  return it == chunks.end() ? zero_node(level, index) : it->second[index % kF];
+}
+
+FileHashTree::Chunk* FileHashTree::chunk_for(unsigned level, uint64_t index) {
+  auto [it, inserted] = levels_[level].chunks.try_emplace(index / kF);
+  if (inserted) {
+    const uint64_t first = index / kF * kF;
+    for (uint64_t j = 0; j < kF; j++) it->second[j] = first + j < levels_[level].size ? zero_node(level, first + j) : full_zero(level);
   }
-  return l;
+  return &it->second;
+}
+
+void FileHashTree::put(unsigned level, uint64_t index, const Hash128& h) {
+  auto& chunks = levels_[level].chunks;
+  auto it = chunks.find(index / kF);
+  if (it != chunks.end()) {
+    it->second[index % kF] = h;
+    return;
+  }
+  // A zero node where nothing is stored is already what get() answers: store nothing.
+  if (h == zero_node(level, index)) return;
+  (*chunk_for(level, index))[index % kF] = h;
+}
+
+Hash128 FileHashTree::compute_node(unsigned level, uint64_t index) const {
+  const Level& below = levels_[level - 1];
+  auto it = below.chunks.find(index);
+  if (it == below.chunks.end()) return zero_node(level, index);  // an all-zero subtree
+  const uint64_t count = std::min<uint64_t>(kF, below.size - index * kF);
+  return hash_bytes(it->second.data(), count * sizeof(Hash128));
+}
+
+void FileHashTree::trim_level(unsigned level, uint64_t new_size) {
+  auto& chunks = levels_[level].chunks;
+  chunks.erase(chunks.lower_bound(div_ceil(new_size, kF)), chunks.end());
+  if (new_size % kF == 0) return;
+  auto it = chunks.find(new_size / kF);
+  if (it == chunks.end()) return;
+  for (uint64_t j = new_size % kF; j < kF; j++) it->second[j] = full_zero(level);
+}
+
+void FileHashTree::reshape_levels(uint64_t blocks) {
+  const unsigned want = levels_for_blocks(blocks);
+  if (want < levels_.size()) levels_.resize(want);
+  uint64_t n = blocks;
+  for (unsigned k = 0; k < want; k++) {
+    if (k >= levels_.size()) levels_.emplace_back();
+    if (n < levels_[k].size) trim_level(k, n);
+    levels_[k].size = n;
+    n = div_ceil(n, kF);
+  }
+}
+
+void FileHashTree::refresh_edge_zeros() {
+  const uint64_t blocks = levels_[0].size;
+  if (edge_blocks_ == blocks && edge_zeros_.size() == levels_.size()) return;
+  edge_zeros_.assign(levels_.size(), full_zero(0));
+  Chunk buf;
+  for (unsigned k = 1; k < levels_.size(); k++) {
+    const uint64_t children = levels_[k - 1].size - (levels_[k].size - 1) * kF;
+    for (uint64_t j = 0; j + 1 < children; j++) buf[j] = full_zero(k - 1);
+    buf[children - 1] = edge_zeros_[k - 1];
+    edge_zeros_[k] = hash_bytes(buf.data(), children * sizeof(Hash128));
+  }
+  edge_blocks_ = blocks;
+}
+
+unsigned FileHashTree::levels_for(uint64_t file_size, uint32_t block_size) {
+  return levels_for_blocks(div_ceil(file_size, block_size));
 }
 
 uint64_t FileHashTree::level_size_for(uint64_t file_size, uint32_t block_size, unsigned level) {
@@ -136,22 +244,25 @@ unsigned FileHashTree::levels() const {
 
 uint64_t FileHashTree::level_size(unsigned level) const {
   require_clean("level_size()");
-  return level < levels_.size() ? levels_[level].size() : 0;
+  return level < levels_.size() ? levels_[level].size : 0;
 }
 
 Hash128 FileHashTree::node(unsigned level, uint64_t index) const {
   require_clean("node()");
-  if (level >= levels_.size() || index >= levels_[level].size()) return kAbsentNode;
-  return levels_[level][index];
+  if (level >= levels_.size() || index >= levels_[level].size) return kAbsentNode;
+  return get(level, index);
 }
 
 std::vector<Hash128> FileHashTree::nodes(unsigned level, uint64_t first, uint64_t count) const {
   require_clean("nodes()");
   if (level >= levels_.size()) return {};
-  const auto& v = levels_[level];
-  if (first >= v.size()) return {};
-  uint64_t end = first + std::min<uint64_t>(count, v.size() - first);
-  return std::vector<Hash128>(v.begin() + static_cast<ptrdiff_t>(first), v.begin() + static_cast<ptrdiff_t>(end));
+  const uint64_t size = levels_[level].size;
+  if (first >= size) return {};
+  const uint64_t end = first + std::min<uint64_t>(count, size - first);
+  std::vector<Hash128> out;
+  out.reserve(end - first);
+  for (uint64_t i = first; i < end; i++) out.push_back(get(level, i));
+  return out;
 }
 
 Hash128 FileHashTree::root() const {
@@ -159,9 +270,11 @@ Hash128 FileHashTree::root() const {
   // The top node says nothing about bytes past EOF in the last block (they hash as zeros), so
   // the size goes in too; the block size as well, so trees of different shapes never match.
   uint64_t buf[4] = {0, 0, size_, block_size_};
-  if (!levels_.back().empty()) {
-    buf[0] = levels_.back()[0].lo;
-    buf[1] = levels_.back()[0].hi;
+  const auto top = static_cast<unsigned>(levels_.size() - 1);
+  if (levels_[top].size > 0) {
+    const Hash128 h = get(top, 0);
+    buf[0] = h.lo;
+    buf[1] = h.hi;
   }
   return hash_bytes(buf, sizeof buf);
 }
@@ -239,16 +352,15 @@ void FileHashTree::wrote(uint64_t offset, std::string_view data) {
   const uint64_t first_whole = div_ceil(offset, block_size_);
   const uint64_t end_whole = (offset + data.size()) >> shift_;
   if (first_whole >= end_whole) return;
-  auto& leaves = levels_[0];
   const char* p = data.data() + ((first_whole << shift_) - offset);
-  for (uint64_t b = first_whole; b < end_whole; b++, p += block_size_) leaves[b] = hash_bytes(p, block_size_);
+  for (uint64_t b = first_whole; b < end_whole; b++, p += block_size_) put(0, b, hash_bytes(p, block_size_));
   remove_range(dirty_, first_whole, end_whole);
   add_range(stale_, first_whole, end_whole);
 }
 
 void FileHashTree::truncate(uint64_t new_size) {
   if (new_size == size_) return;
-  uint64_t old_n = levels_[0].size();
+  uint64_t old_n = levels_[0].size;
   uint64_t new_n = div_ceil(new_size, block_size_);
   if (new_size < size_) {
     clip_ranges(dirty_, new_n);
@@ -256,12 +368,16 @@ void FileHashTree::truncate(uint64_t new_size) {
     // A cut inside a block leaves its tail past EOF, which now hashes as zeros.
     if (new_size % block_size_ != 0) add_range(dirty_, new_n - 1, new_n);
   }
-  // New blocks are holes: their hash is known without reading. (Growing inside the last block
-  // changes no leaf at all: the bytes past the old EOF were already hashed as zeros.)
-  levels_[0].resize(new_n, zero_hash_);
-  // The last node of every level changes its children (or appears, or goes).
+  // New blocks are holes: nothing is stored for them and nothing read, whatever their number.
+  // (Growing inside the last block changes no leaf at all: the bytes past the old EOF were
+  // already hashed as zeros.)
+  reshape_levels(new_n);
+  // Only the old and the new last node of every level change: the nodes in between cover
+  // whole zero subtrees, whose hashes are the per-level constants.
   if (new_n != old_n) {
-    add_range(stale_, std::min(old_n, new_n) - (std::min(old_n, new_n) > 0), new_n);
+    const uint64_t kept = std::min(old_n, new_n);
+    if (kept > 0) add_range(stale_, kept - 1, kept);
+    if (new_n > 0) add_range(stale_, new_n - 1, new_n);
     reshape_ = true;  // a shrink to 0 or 1 block leaves nothing stale but levels to drop
   }
   size_ = new_size;
@@ -277,7 +393,6 @@ void FileHashTree::hash_blocks(int fd, uint64_t first, uint64_t end, std::vector
   // Read in chunks of up to 1 MiB: large enough for sequential throughput, small enough to
   // stay in cache while it is hashed.
   const uint64_t chunk_blocks = std::max<uint64_t>(1, (uint64_t{1} << 20) >> shift_);
-  auto& leaves = levels_[0];
   for (uint64_t b = first; b < end;) {
     uint64_t nb = std::min(chunk_blocks, end - b);
     uint64_t off = b << shift_;
@@ -294,40 +409,29 @@ void FileHashTree::hash_blocks(int fd, uint64_t first, uint64_t end, std::vector
     // A file shorter than the tree thinks (a truncate still on its way to mark_dirty) reads
     // as zeros, as it will hash once the truncate arrives.
     if (got < (nb << shift_)) memset(buf.data() + got, 0, (nb << shift_) - got);
-    for (uint64_t i = 0; i < nb; i++) leaves[b + i] = hash_bytes(buf.data() + (i << shift_), block_size_);
+    for (uint64_t i = 0; i < nb; i++) put(0, b + i, hash_bytes(buf.data() + (i << shift_), block_size_));
     b += nb;
   }
 }
 
 void FileHashTree::recompute_internal() {
-  const uint64_t n = levels_[0].size();
-  const unsigned want_levels = levels_for(size_, block_size_);
-  // Reshape: level k+1 has ceil(size_k / F) nodes until one node is left.
-  std::vector<uint64_t> old_sizes(levels_.size());
-  for (size_t k = 0; k < levels_.size(); k++) old_sizes[k] = levels_[k].size();
-  levels_.resize(want_levels);
-  uint64_t s = n;
-  for (unsigned k = 1; k < want_levels; k++) {
-    s = div_ceil(s, kF);
-    levels_[k].resize(s);
-  }
-  // Walk the changed ranges up, one level at a time; a level that grew recomputes its new
-  // nodes too (they cover the grown leaves, so this is belt and braces).
+  // The levels already have their shape (truncate keeps it); the zero hash of each level's last
+  // node depends on it.
+  refresh_edge_zeros();
+  // Walk the changed ranges up, one level at a time. A node whose subtree turned out all zeros
+  // drops the chunk of its children: a hole or written zeros cost nothing once hashed.
   Ranges cur = std::move(stale_);
   stale_.clear();
   reshape_ = false;
-  for (unsigned k = 1; k < want_levels; k++) {
+  for (unsigned k = 1; k < levels_.size(); k++) {
     Ranges up;
     for (auto& [lo, hi] : cur) add_range(up, lo / kF, div_ceil(hi, kF));
-    uint64_t old = k < old_sizes.size() ? old_sizes[k] : 0;
-    if (levels_[k].size() > old) add_range(up, old > 0 ? old - 1 : 0, levels_[k].size());
-    clip_ranges(up, levels_[k].size());
-    const auto& below = levels_[k - 1];
-    auto& here = levels_[k];
+    clip_ranges(up, levels_[k].size);
     for (auto& [lo, hi] : up)
       for (uint64_t i = lo; i < hi; i++) {
-        uint64_t c0 = i * kF, c1 = std::min<uint64_t>(c0 + kF, below.size());
-        here[i] = hash_bytes(&below[c0], (c1 - c0) * sizeof(Hash128));
+        const Hash128 h = compute_node(k, i);
+        if (h == zero_node(k, i)) levels_[k - 1].chunks.erase(i);
+        put(k, i, h);
       }
     cur = std::move(up);
   }
@@ -356,7 +460,7 @@ uint64_t FileHashTree::build(int fd, uint64_t size) {
   stale_.clear();
   reshape_ = false;
   size_ = 0;
-  truncate(size);  // all holes, all stale
+  truncate(size);  // all holes: nothing stored, only the last node stale
   // Read only what SEEK_DATA calls data: holes hash as zero blocks without a read, so a sparse
   // 1 TiB file costs what its data costs. File systems without hole support answer the whole
   // file as data (the kernel's generic lseek), which is slower but still right.
@@ -374,6 +478,7 @@ uint64_t FileHashTree::build(int fd, uint64_t size) {
     uint64_t first = static_cast<uint64_t>(d) >> shift_;
     uint64_t end = div_ceil(std::min<uint64_t>(static_cast<uint64_t>(h), size), block_size_);
     hash_blocks(fd, first, end, buf);
+    add_range(stale_, first, end);
     read += end - first;
     pos = end << shift_;
   }
@@ -448,11 +553,19 @@ std::vector<uint64_t> diff(const FileHashTree& a, const FileHashTree& b, DiffSta
 }
 
 // ---------------------------------------------------------------------------------------------
-// Saved leaves: header, leaves, then XXH3-128 of both (trailer).
+// Saved leaves: a 32-byte header, a body, then an XXH3-128 trailer over the body seeded with
+// XXH3-64 of the header.
+//   version 1 (still loaded, no longer written): the body is every leaf, 16 bytes each, so a
+//     sparse file's saved tree was as large as its apparent size demanded.
+//   version 2 (written): the body is the stored leaf chunks only, ascending, each an 8-byte
+//     little-endian chunk index c then the F leaves [c*F, c*F+F) (leaves past the file's last
+//     block are the zero-block hash). A chunk left out holds only zero-block hashes. leaf_count
+//     is still the file's block count.
 
 namespace {
 constexpr char kLeavesMagic[8] = {'B', 'R', 'L', 'E', 'A', 'V', 'E', 'S'};
-constexpr uint32_t kLeavesVersion = 1;
+constexpr uint32_t kLeavesVersionDense = 1;
+constexpr uint32_t kLeavesVersion = 2;
 struct LeavesHeader {
   char magic[8];
   uint32_t version;
@@ -461,11 +574,34 @@ struct LeavesHeader {
   uint64_t leaf_count;
 };
 static_assert(sizeof(LeavesHeader) == 32);
+constexpr size_t kChunkRecordBytes = sizeof(uint64_t) + kF * sizeof(Hash128);
 
-// Covers header and leaves: the leaves hashed with the header's hash as seed.
-Hash128 leaves_checksum(const LeavesHeader& h, const std::vector<Hash128>& leaves) {
-  return from_xxh(XXH3_128bits_withSeed(leaves.data(), leaves.size() * sizeof(Hash128), XXH3_64bits(&h, sizeof h)));
-}
+// Reads a saved tree's body in pieces while checksumming it; throws Error on I/O errors.
+class BodyReader {
+ public:
+  BodyReader(int fd, uint64_t seed) : fd_(fd), state_(XXH3_createState()) {
+    XXH3_128bits_reset_withSeed(state_, seed);
+  }
+  ~BodyReader() { XXH3_freeState(state_); }
+  BodyReader(const BodyReader&) = delete;
+  BodyReader& operator=(const BodyReader&) = delete;
+  bool read(void* buf, size_t len) {
+    if (pread_full(fd_, static_cast<char*>(buf), len, off_) != len) return false;
+    XXH3_128bits_update(state_, buf, len);
+    off_ += len;
+    return true;
+  }
+  bool trailer_matches() {
+    Hash128 sum;
+    if (pread_full(fd_, reinterpret_cast<char*>(&sum), sizeof sum, off_) != sizeof sum) return false;
+    return from_xxh(XXH3_128bits_digest(state_)) == sum;
+  }
+
+ private:
+  int fd_;
+  uint64_t off_ = sizeof(LeavesHeader);
+  XXH3_state_t* state_;
+};
 }  // namespace
 
 std::string FileHashTree::saved_name(FileId fid) {
@@ -483,15 +619,57 @@ void FileHashTree::save(int dirfd, FileId fid, bool durable) const {
   h.version = kLeavesVersion;
   h.block_size = block_size_;
   h.file_size = size_;
-  h.leaf_count = levels_[0].size();
-  const auto& leaves = levels_[0];
-  const size_t leaf_bytes = leaves.size() * sizeof(Hash128);
-  const Hash128 sum = leaves_checksum(h, leaves);
+  h.leaf_count = levels_[0].size;
+  std::string body;
+  body.reserve(levels_[0].chunks.size() * kChunkRecordBytes);
+  for (const auto& [c, chunk] : levels_[0].chunks) {
+    body.append(bytes_of(&c, sizeof c));
+    body.append(bytes_of(chunk.data(), sizeof chunk));
+  }
+  const Hash128 sum = from_xxh(XXH3_128bits_withSeed(body.data(), body.size(), XXH3_64bits(&h, sizeof h)));
 
   // Written to <name>.tmp and renamed, so a crash leaves the old leaves or the new, never a mix;
   // synced (file and folder) only when durable: otherwise the checkpoint syncs them once.
-  const std::string_view pieces[] = {bytes_of(&h, sizeof h), bytes_of(leaves.data(), leaf_bytes), bytes_of(&sum, sizeof sum)};
+  const std::string_view pieces[] = {bytes_of(&h, sizeof h), body, bytes_of(&sum, sizeof sum)};
   if (int err = write_file_atomically(dirfd, name.c_str(), pieces, durable)) throw_errno("cannot write " + what, err);
+}
+
+void FileHashTree::load_leaf_run(uint64_t first, const Hash128* leaves, uint64_t count) {
+  for (uint64_t i = 0; i < count; i++) put(0, first + i, leaves[i]);
+  add_range(stale_, first, first + count);
+}
+
+bool FileHashTree::load_v1(int fd, uint64_t body_bytes, uint64_t leaf_count, uint64_t seed, const std::string& name) {
+  if (body_bytes != leaf_count * sizeof(Hash128)) return false;
+  // A chunk at a time: the file may be huge for a sparse file, its zeros are not kept.
+  BodyReader in(fd, seed);
+  Chunk buf;
+  for (uint64_t first = 0; first < leaf_count; first += kF) {
+    const uint64_t n = std::min<uint64_t>(kF, leaf_count - first);
+    if (!in.read(buf.data(), n * sizeof(Hash128))) return false;
+    if (std::any_of(buf.begin(), buf.begin() + static_cast<ptrdiff_t>(n), [&](const Hash128& x) { return !(x == zero_hash_); }))
+      load_leaf_run(first, buf.data(), n);
+  }
+  if (!in.trailer_matches()) return false;
+  LOG_INFO("saved hash tree %s of %s has the dense format 1; it is saved sparse at the next checkpoint",
+           name.c_str(), label_.c_str());
+  return true;
+}
+
+bool FileHashTree::load_v2(int fd, uint64_t body_bytes, uint64_t leaf_count, uint64_t seed, const std::string&) {
+  if (body_bytes % kChunkRecordBytes != 0) return false;
+  BodyReader in(fd, seed);
+  const uint64_t chunks = div_ceil(leaf_count, kF);
+  uint64_t next = 0;  // chunk indices must ascend: each stored once
+  for (uint64_t r = 0; r < body_bytes / kChunkRecordBytes; r++) {
+    uint64_t c;
+    Chunk leaves;
+    if (!in.read(&c, sizeof c) || !in.read(leaves.data(), sizeof leaves)) return false;
+    if (c < next || c >= chunks) return false;
+    next = c + 1;
+    load_leaf_run(c * kF, leaves.data(), std::min<uint64_t>(kF, leaf_count - c * kF));
+  }
+  return in.trailer_matches();
 }
 
 bool FileHashTree::load(int dirfd, FileId fid) {
@@ -511,43 +689,37 @@ bool FileHashTree::load(int dirfd, FileId fid) {
   const uint64_t fsize = static_cast<uint64_t>(sb.st_size);
   LeavesHeader h{};
   if (fsize < sizeof h + sizeof(Hash128)) return damaged("too short");
-  const uint64_t leaf_bytes = fsize - sizeof h - sizeof(Hash128);
-  if (leaf_bytes % sizeof(Hash128) != 0) return damaged("odd length");
-  // The header first: its counts must agree with the file's length before we size a buffer
-  // by them.
+  const uint64_t body_bytes = fsize - sizeof h - sizeof(Hash128);
   try {
     if (pread_full(fd, reinterpret_cast<char*>(&h), sizeof h, 0) != sizeof h) return damaged("short read");
   } catch (const Error& e) {
     return damaged(e.what());
   }
   if (memcmp(h.magic, kLeavesMagic, sizeof h.magic) != 0) return damaged("bad magic");
-  if (h.version != kLeavesVersion) return damaged("unknown version");
+  if (h.version != kLeavesVersion && h.version != kLeavesVersionDense) return damaged("unknown version");
   if (h.block_size < 512 || !std::has_single_bit(h.block_size)) return damaged("bad block size");
-  if (h.leaf_count != leaf_bytes / sizeof(Hash128) || h.leaf_count != div_ceil(h.file_size, h.block_size))
-    return damaged("leaf count does not match the sizes");
-  std::vector<Hash128> leaves(h.leaf_count);
-  Hash128 sum;
-  try {
-    if (pread_full(fd, reinterpret_cast<char*>(leaves.data()), leaf_bytes, sizeof h) != leaf_bytes ||
-        pread_full(fd, reinterpret_cast<char*>(&sum), sizeof sum, sizeof h + leaf_bytes) != sizeof sum)
-      return damaged("short read");
-  } catch (const Error& e) {
-    return damaged(e.what());
-  }
-  if (!(leaves_checksum(h, leaves) == sum)) return damaged("checksum mismatch");
-  close(fd);
+  if (h.leaf_count != div_ceil(h.file_size, h.block_size)) return damaged("leaf count does not match the size");
   if (h.block_size != block_size_) {
+    close(fd);
     LOG_WARN("saved hash tree %s of %s has block size %u, not %u; rehashing", name.c_str(), label_.c_str(),
              h.block_size, block_size_);
     return false;
   }
-  size_ = h.file_size;
-  levels_.assign(1, std::move(leaves));
-  dirty_.clear();
-  stale_.clear();
-  reshape_ = true;
-  add_range(stale_, 0, levels_[0].size());
-  recompute_internal();
+  // Read into a fresh tree so that a damaged file leaves this one unchanged.
+  FileHashTree loaded(block_size_, label_);
+  loaded.truncate(h.file_size);
+  const uint64_t seed = XXH3_64bits(&h, sizeof h);
+  bool ok;
+  try {
+    ok = h.version == kLeavesVersionDense ? loaded.load_v1(fd, body_bytes, h.leaf_count, seed, name)
+                                          : loaded.load_v2(fd, body_bytes, h.leaf_count, seed, name);
+  } catch (const Error& e) {
+    return damaged(e.what());
+  }
+  if (!ok) return damaged("length, chunk order or checksum wrong");
+  close(fd);
+  loaded.recompute_internal();
+  *this = std::move(loaded);
   return true;
 }
 

@@ -11,6 +11,14 @@
 // those blocks and the nodes above them. Leaves are saved in <metadata>/hashes/<fid>.leaves;
 // internal levels are recomputed on load (1/63 of the leaf bytes, cheap).
 //
+// Sparse storage: a file costs memory for the data it holds, not its apparent size. Every level
+// is kept as chunks of kHashFanOut nodes (the children of one parent), and a chunk is stored
+// only while its parent's subtree holds a non-zero block. The hash of an all-zero subtree is a
+// constant per level (the "zero hash"; the rightmost node of a level, which may have fewer
+// children, has its own), so a hole or a range of written zeros is one absent chunk and any node
+// can still be answered. A dense file costs 1/64 more than a flat array (one map node per
+// chunk); a sparse one about one chunk per level per scattered non-zero block.
+//
 // DirtyLog is the crash story, after DRBD's activity log: before the first write into a 4 MiB
 // extent since the last clean point, (fid, extent) is made durable in a small log. After an
 // unclean stop only the logged extents are rehashed (recover_file_tree).
@@ -18,6 +26,7 @@
 // FileHashTree does no locking (one owner, or the caller's mutex around it); DirtyLog is
 // thread-safe because every FUSE worker calls note() on its write path.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -82,7 +91,7 @@ class FileHashTree {
 
   uint32_t block_size() const { return block_size_; }
   uint64_t size() const { return size_; }                    // the file size the tree describes
-  uint64_t block_count() const { return levels_[0].size(); }  // ceil(size / block_size)
+  uint64_t block_count() const;  // ceil(size / block_size)
   const std::string& label() const { return label_; }
 
   // Full (re)hash of `size` bytes of fd. Skips holes (SEEK_DATA/SEEK_HOLE) without reading
@@ -161,14 +170,41 @@ class FileHashTree {
   void hash_blocks(int fd, uint64_t first, uint64_t end, std::vector<char>& buf);
   void recompute_internal();
 
+  // One level's stored nodes: chunk c holds nodes [c*F, c*F+F), the children of node c one
+  // level up. An absent chunk means every node in it is the zero hash of its position.
+  // Invariant: in a stored chunk, positions at or past the level's size hold full_zero(level),
+  // so growing a level never has to visit them.
+  using Chunk = std::array<Hash128, kHashFanOut>;
+  struct Level {
+    uint64_t size = 0;  // nodes at this level
+    std::map<uint64_t, Chunk> chunks;
+  };
+  Hash128 full_zero(unsigned level) const;  // a node over F^level zero blocks
+  Hash128 zero_node(unsigned level, uint64_t index) const;  // what an absent node hashes as
+  Hash128 get(unsigned level, uint64_t index) const;
+  void put(unsigned level, uint64_t index, const Hash128& h);
+  Chunk* chunk_for(unsigned level, uint64_t index);  // materialized with zero hashes
+  Hash128 compute_node(unsigned level, uint64_t index) const;  // from its children
+  void reshape_levels(uint64_t blocks);  // level count and sizes; trims what was cut off
+  void trim_level(unsigned level, uint64_t new_size);
+  void refresh_edge_zeros();
+  void load_leaf_run(uint64_t first, const Hash128* leaves, uint64_t count);
+  bool load_v1(int fd, uint64_t body_bytes, uint64_t leaf_count, uint64_t seed, const std::string& name);
+  bool load_v2(int fd, uint64_t body_bytes, uint64_t leaf_count, uint64_t seed, const std::string& name);
+
   uint32_t block_size_;
   unsigned shift_;  // log2(block_size)
   std::string label_;
   Hash128 zero_hash_;
+  const std::vector<Hash128>* full_zeros_;  // per level, shared by all trees of this block size
   uint64_t size_ = 0;
-  // levels_[0]: leaves; levels_[k+1][i] hashes levels_[k][i*F .. min((i+1)*F, size)).
-  // Internal levels are only consistent with the leaves when !dirty().
-  std::vector<std::vector<Hash128>> levels_;
+  // levels_[0]: leaves; node i of levels_[k+1] hashes nodes [i*F, min((i+1)*F, size)) of
+  // levels_[k]. Internal levels are only consistent with the leaves when !dirty().
+  std::vector<Level> levels_;
+  // edge_zeros_[k]: the hash of the last node of level k if the whole file were zeros (it may
+  // have fewer than F children). Valid for edge_blocks_ blocks; recomputed on refresh.
+  std::vector<Hash128> edge_zeros_;
+  uint64_t edge_blocks_ = UINT64_MAX;
   Ranges dirty_;  // leaf ranges to reread and rehash
   Ranges stale_;  // leaf ranges whose ancestors must be recomputed (resize, load, build)
   bool reshape_ = false;  // the block count changed: levels to resize (even with nothing stale)
