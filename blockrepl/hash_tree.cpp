@@ -141,6 +141,12 @@ FileHashTree::FileHashTree(uint32_t block_size, std::string label)
 
 uint64_t FileHashTree::block_count() const { return levels_[0].size; }
 
+uint64_t FileHashTree::stored_bytes() const {
+  uint64_t chunks = 0;
+  for (const Level& l : levels_) chunks += l.chunks.size();
+  return chunks * sizeof(Chunk);
+}
+
 Hash128 FileHashTree::full_zero(unsigned level) const { return (*full_zeros_)[level]; }
 
 Hash128 FileHashTree::zero_node(unsigned level, uint64_t index) const {
@@ -435,6 +441,15 @@ void FileHashTree::recompute_internal() {
       }
     cur = std::move(up);
   }
+  drop_zero_top();
+}
+
+void FileHashTree::drop_zero_top() {
+  // The top chunk has no parent to drop it: once the whole file hashes as zeros, drop it here.
+  const auto top = static_cast<unsigned>(levels_.size() - 1);
+  auto& chunks = levels_[top].chunks;
+  auto it = chunks.find(0);
+  if (it != chunks.end() && (levels_[top].size == 0 || it->second[0] == zero_node(top, 0))) chunks.erase(it);
 }
 
 uint64_t FileHashTree::refresh(int fd) {

@@ -93,6 +93,9 @@ class FileHashTree {
   uint64_t size() const { return size_; }                    // the file size the tree describes
   uint64_t block_count() const;  // ceil(size / block_size)
   const std::string& label() const { return label_; }
+  // Bytes of hashes held in memory (stored chunks, all levels): what the tree costs, which for a
+  // sparse file follows its data, not its size.
+  uint64_t stored_bytes() const;
 
   // Full (re)hash of `size` bytes of fd. Skips holes (SEEK_DATA/SEEK_HOLE) without reading
   // them, so a sparse file costs what its data costs. Moves fd's file offset. Returns the
@@ -188,6 +191,7 @@ class FileHashTree {
   void reshape_levels(uint64_t blocks);  // level count and sizes; trims what was cut off
   void trim_level(unsigned level, uint64_t new_size);
   void refresh_edge_zeros();
+  void drop_zero_top();
   void load_leaf_run(uint64_t first, const Hash128* leaves, uint64_t count);
   bool load_v1(int fd, uint64_t body_bytes, uint64_t leaf_count, uint64_t seed, const std::string& name);
   bool load_v2(int fd, uint64_t body_bytes, uint64_t leaf_count, uint64_t seed, const std::string& name);
