@@ -547,7 +547,7 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
   Lsn last_barrier = 0;
   for (auto wr : batch.getRecords()) {
     if (wr.getLsn() <= applied_upto) continue;  // applied with the stage this batch ended
-    Record rec = from_wire(wr, /*view_data=*/true);  // the frame outlives this loop
+    Record rec = from_wire(wr, /*view_data=*/true, cfg_.master_address);  // the frame outlives this loop
     if (rec.lsn <= last_lsn_)
       throw Error("master " + cfg_.master_address + " sent lsn " + std::to_string(rec.lsn) + " after " + std::to_string(last_lsn_), EPROTO);
     if (rec.is_barrier()) {

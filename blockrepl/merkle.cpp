@@ -70,6 +70,7 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
     switch (msg.which()) {
       case wire::Message::DIR_QUERY: {
         for (auto p : msg.getDirQuery().getPaths()) {
+          check_field_size(p.size(), kMaxPathBytes, "directory path", conn.peer(), "dirQuery");
           const std::string path = text_of(p);
           if (!valid_relative_path(path)) throw Error("slave asked for a bad path", EPROTO);
           capnp::MallocMessageBuilder mb;
@@ -231,6 +232,7 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
       if (msg.which() == wire::Message::DIR_LISTINGS_DONE) break;
       if (msg.which() != wire::Message::DIR_LISTING) throw Error("master sent an unexpected message during the Merkle diff", EPROTO);
       auto l = msg.getDirListing();
+      check_field_size(l.getPath().size(), kMaxPathBytes, "path", conn.peer(), "dirListing");
       const std::string path = text_of(l.getPath());
       if (!valid_relative_path(path)) throw Error("master sent a listing with a bad path", EPROTO);
       rep.dirs_listed++;
@@ -817,7 +819,7 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       auto m = f->root();
       if (m.which() != wire::Message::BATCH) continue;
       for (auto wr : m.getBatch().getRecords()) {
-        Record rec = from_wire(wr, true);
+        Record rec = from_wire(wr, true, where_);
         if (rec.lsn > out.lsn) break;
         if (rec.is_barrier()) continue;
         if (int err = store.apply_replayed(rec))
