@@ -106,18 +106,12 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
           std::vector<Hash128> hs(indices.size(), kAbsentNode);
           uint64_t size = 0;
           const auto* place = snap.find(fid);
-          int fd = place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1;
-          if (fd >= 0) {
-            try {
-              hashes.with_tree(fid, fd, [&](const FileHashTree& t) {
-                size = t.size();
-                for (unsigned j = 0; j < indices.size(); j++) hs[j] = t.node(it.getLevel(), indices[j]);
-              });
-            } catch (...) {
-              close(fd);
-              throw;
-            }
-            close(fd);
+          OwnedFd file(place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1);
+          if (file) {
+            hashes.with_tree(fid, file.get(), [&](const FileHashTree& t) {
+              size = t.size();
+              for (unsigned j = 0; j < indices.size(); j++) hs[j] = t.node(it.getLevel(), indices[j]);
+            });
           }
           out[i].setFid(fid);
           out[i].setSize(size);
@@ -142,12 +136,13 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
         for (auto it : msg.getBlockRequest().getItems()) {
           const FileId fid = it.getFid();
           const auto* place = snap.find(fid);
-          int fd = place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1;
-          if (fd < 0) continue;  // gone since: the records that follow remove it
+          // Owned: a slave that goes away mid-answer (send throws) must not leak it.
+          OwnedFd file(place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1);
+          if (!file) continue;  // gone since: the records that follow remove it
+          const int fd = file.get();
           // A read error ends the session: a block left out would leave the slave silently
           // different (a file that shrank meanwhile reads short, which is no error).
           auto read_failed = [&](int err) {
-            close(fd);
             throw_errno("cannot read " + place->path + " for slave " + conn.peer(), err);
           };
           struct stat st;
@@ -187,7 +182,6 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
               i = j;
             }
           }
-          close(fd);
         }
         capnp::MallocMessageBuilder mb;
         mb.initRoot<wire::Message>().setBlockDataDone();

@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <algorithm>
@@ -114,12 +115,18 @@ void FrameAssembler::accept_length(const std::string& peer) {
   got_ = 0;
 }
 
-// Doubles the buffer (up to the announced length) when it is full: memory follows the bytes that
-// arrived, so a peer that announces 64 MiB and sends little costs little.
-void FrameAssembler::grow_for_next_read() {
+// Grows the buffer (up to the announced length) when it is full: to twice its size, or at once
+// to what already waits in the socket. Memory follows the bytes that arrived, so a peer that
+// announces 64 MiB and sends little costs little, and a large frame that has arrived is not
+// copied from buffer to buffer.
+void FrameAssembler::grow_for_next_read(int fd) {
   const size_t have = buffer_.size() * sizeof(capnp::word);
   if (got_ < have) return;
-  const size_t want = std::min(length_, std::max(kFrameChunkBytes, 2 * have));
+  int waiting = 0;
+  if (ioctl(fd, FIONREAD, &waiting) != 0 || waiting < 0) waiting = 0;
+  const size_t arrived = got_ + static_cast<size_t>(waiting);
+  size_t want = std::min(length_, std::max({kFrameChunkBytes, 2 * have, arrived}));
+  want = (want + sizeof(capnp::word) - 1) / sizeof(capnp::word) * sizeof(capnp::word);
   auto bigger = kj::heapArray<capnp::word>(want / sizeof(capnp::word));
   if (got_ > 0) memcpy(bigger.begin(), buffer_.begin(), got_);
   buffer_ = kj::mv(bigger);
@@ -132,7 +139,7 @@ FrameAssembler::Status FrameAssembler::read_some(int fd, const std::string& peer
     into = prefix_ + prefix_got_;
     want = sizeof prefix_ - prefix_got_;
   } else {
-    grow_for_next_read();
+    grow_for_next_read(fd);
     into = reinterpret_cast<char*>(buffer_.begin()) + got_;
     want = buffer_.size() * sizeof(capnp::word) - got_;
   }

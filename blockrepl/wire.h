@@ -89,7 +89,7 @@ class FrameAssembler {
  private:
   bool have_length() const { return prefix_got_ == sizeof prefix_; }
   void accept_length(const std::string& peer);
-  void grow_for_next_read();
+  void grow_for_next_read(int fd);
 
   size_t max_frame_bytes_;
   unsigned char prefix_[4] = {};

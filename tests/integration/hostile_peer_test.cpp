@@ -302,5 +302,47 @@ TEST(HostilePeer, IdleConnectionFloodCostsNoThreadsAndASlaveStillAttaches) {
   EXPECT_TRUE(repl::process_alive(pid));
 }
 
+// The master's TCP and other sockets (/proc/PID/fd entries "socket:[...]").
+size_t socket_count(pid_t pid) {
+  size_t n = 0;
+  const std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+  for (const std::string& name : list_dir(dir)) {
+    char target[256];
+    ssize_t len = readlink((dir + "/" + name).c_str(), target, sizeof target - 1);
+    if (len > 0 && std::string(target, static_cast<size_t>(len)).rfind("socket:", 0) == 0) n++;
+  }
+  return n;
+}
+
+TEST(HostilePeer, EndedSessionsCloseTheirSocketsAtOnce) {
+  Cluster c("ended-sessions");
+  Node& m = c.add_master({"--ack", "async"});
+  ASSERT_TRUE(m.ok());
+  const pid_t pid = m.pid();
+  const size_t sockets_alone = socket_count(pid);
+  Node& s = c.add_slave(m);
+  ASSERT_TRUE(s.ok());
+  ASSERT_EQ(repl::sync_and_wait(m.mnt, {s.mnt}), "");
+  const size_t sockets_with_slave = socket_count(pid);
+  EXPECT_EQ(sockets_with_slave, sockets_alone + 1);
+  c.unmount(s);
+  // No other connection comes: the session's socket must close by itself, not at an accept.
+  const auto t0 = Clock::now();
+  const bool closed = repl::wait_until([&] { return socket_count(pid) <= sockets_alone; }, 10s);
+  printf("[ info ] master sockets: %zu alone, %zu with a slave, %zu %.1f s after the slave unmounted\n", sockets_alone,
+         sockets_with_slave, socket_count(pid), seconds_since(t0));
+  EXPECT_TRUE(closed) << "the ended session's socket is still open";
+  EXPECT_LT(seconds_since(t0), 5.0);
+
+  // Aborted handshakes leave nothing open either.
+  std::vector<OwnedFd> idle;
+  for (int i = 0; i < 20; i++) idle.push_back(connect_loopback(m.port));
+  std::this_thread::sleep_for(300ms);
+  EXPECT_GE(socket_count(pid), sockets_alone + 20);
+  idle.clear();  // they hang up before saying anything
+  EXPECT_TRUE(repl::wait_until([&] { return socket_count(pid) <= sockets_alone; }, 5s))
+      << socket_count(pid) << " sockets open, " << sockets_alone << " before";
+}
+
 }  // namespace
 }  // namespace blockrepl::test
