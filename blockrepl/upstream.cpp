@@ -59,12 +59,7 @@ void check_hello_sizes(wire::Hello::Reader h, const std::string& peer) {
   check_field_size(h.getClusterId().size(), kMaxIdBytes, "cluster id", peer, "hello");
   check_field_size(h.getHashAlgorithm().size(), kMaxHashNameBytes, "hash algorithm", peer, "hello");
   check_field_size(h.getListenAddress().size(), kMaxAddressBytes, "listen address", peer, "hello");
-  auto lineage = h.getLineage();
-  if (lineage.size() > kMaxLineageEntries)
-    throw Error("hello from " + peer + ": lineage has " + std::to_string(lineage.size()) + " entries (at most " +
-                    std::to_string(kMaxLineageEntries) + ")",
-                EPROTO);
-  for (auto e : lineage) check_field_size(e.getId().size(), kMaxIdBytes, "lineage id", peer, "hello");
+  check_lineage_sizes(h.getLineage(), peer, "hello");
 }
 
 // Events a flood repeats are logged at most kLinesPerSecond times a second; the next line says
@@ -512,6 +507,7 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
           break;
         }
         case wire::Message::ERROR:
+          check_field_size(msg.getError().getReason().size(), kMaxReasonBytes, "reason", s.conn->peer(), "error");
           throw Error(std::string("it reported: ") + msg.getError().getReason().cStr());
         default:
           throw Error("it sent an unexpected message", EPROTO);

@@ -101,6 +101,14 @@ void check_field_size(size_t size, size_t limit, const char* field, const std::s
                 EPROTO);
 }
 
+void check_lineage_sizes(capnp::List<wire::LineageEntry>::Reader lineage, const std::string& peer, const char* what) {
+  if (lineage.size() > kMaxLineageEntries)
+    throw Error(std::string(what) + " from " + peer + ": lineage has " + std::to_string(lineage.size()) + " entries (at most " +
+                    std::to_string(kMaxLineageEntries) + ")",
+                EPROTO);
+  for (auto e : lineage) check_field_size(e.getId().size(), kMaxIdBytes, "lineage id", peer, what);
+}
+
 void FrameAssembler::accept_length(const std::string& peer) {
   uint32_t len_le;
   memcpy(&len_le, prefix_, sizeof len_le);

@@ -47,6 +47,9 @@ inline constexpr size_t kMaxReasonBytes = 4096;        // an error message's rea
 
 // Throws Error(EPROTO) "<what> from <peer>: <field> is N bytes (at most M)" when size > limit.
 void check_field_size(size_t size, size_t limit, const char* field, const std::string& peer, const char* what = "message");
+// A lineage as peers send it (hello, welcome, heartbeat): at most kMaxLineageEntries entries, ids
+// at most kMaxIdBytes.
+void check_lineage_sizes(capnp::List<wire::LineageEntry>::Reader lineage, const std::string& peer, const char* what);
 
 // A received message: owns its bytes; root() is valid while it lives.
 class Frame {

@@ -18,7 +18,7 @@ $Cxx.namespace("blockrepl::wire");
 #   fields: node, cluster and lineage ids 255 bytes; listen address 255; hash algorithm 32;
 #     lineage 4096 entries; names (entries, xattrs) 255 per component; paths and link targets
 #     4096; xattr values 64 KiB; a record's data 16 MiB (write), 4096 (symlink), 64 KiB
-#     (setxattr), none otherwise; copy chunks 16 MiB.
+#     (setxattr), none otherwise; copy chunks 16 MiB; error reasons and welcome notices 4096.
 #   A hello over a limit is refused without an answer; other messages over a limit end the
 #   connection. The receiver logs one line naming the peer and the field.
 #
