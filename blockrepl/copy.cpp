@@ -254,7 +254,25 @@ void CopyReceiver::finish_file() {
   file_path_.clear();
 }
 
+namespace {
+
+// A copy entry's fields within their limits, before any of them is used.
+void check_copy_entry_sizes(wire::CopyEntry::Reader e) {
+  const char* what = "copy entry";
+  check_field_size(e.getPath().size(), kMaxPathBytes, "path", "the upstream", what);
+  check_field_size(e.getLinkTarget().size(), kMaxPathBytes, "link target", "the upstream", what);
+  check_field_size(e.getHardLinkOf().size(), kMaxPathBytes, "hard link path", "the upstream", what);
+  check_field_size(e.getChunk().size(), kMaxRecordDataBytes, "chunk", "the upstream", what);
+  for (auto x : e.getXattrs()) {
+    check_field_size(x.getName().size(), kMaxNameBytes, "xattr name", "the upstream", what);
+    check_field_size(x.getValue().size(), kMaxXattrValueBytes, "xattr value", "the upstream", what);
+  }
+}
+
+}  // namespace
+
 void CopyReceiver::apply(wire::CopyEntry::Reader e) {
+  check_copy_entry_sizes(e);
   const std::string path = text_of(e.getPath());
   auto chunk = e.getChunk();
   // A further chunk of the file being received.

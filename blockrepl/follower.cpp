@@ -199,6 +199,7 @@ void Follower::handshake(Connection& conn) {
   auto msg = frame->root();
   if (msg.which() == wire::Message::ERROR) {
     auto err = msg.getError();
+    check_field_size(err.getReason().size(), kMaxReasonBytes, "reason", cfg_.master_address, "error");
     std::string reason = std::string("master ") + cfg_.master_address + " refused: " + err.getReason().cStr();
     if (err.getFatal()) throw FatalAttachError(reason);
     throw Error(reason);
@@ -206,6 +207,7 @@ void Follower::handshake(Connection& conn) {
   if (msg.which() != wire::Message::WELCOME)
     throw Error("peer " + cfg_.master_address + " does not speak the blockrepl protocol", EPROTO);
   auto w = msg.getWelcome();
+  check_welcome_sizes(w);
   if (w.getProtocolVersion() != kProtocolVersion)
     throw FatalAttachError("master " + cfg_.master_address + " speaks protocol version " +
                            std::to_string(w.getProtocolVersion()) + ", this node speaks " + std::to_string(kProtocolVersion));
@@ -427,8 +429,16 @@ void Follower::stream(Connection& conn) {
   }
 }
 
+void Follower::check_welcome_sizes(wire::Welcome::Reader w) const {
+  check_field_size(w.getNodeId().size(), kMaxIdBytes, "node id", cfg_.master_address, "welcome");
+  check_field_size(w.getClusterId().size(), kMaxIdBytes, "cluster id", cfg_.master_address, "welcome");
+  check_field_size(w.getNotice().size(), kMaxReasonBytes, "notice", cfg_.master_address, "welcome");
+  check_lineage_sizes(w.getLineage(), cfg_.master_address, "welcome");
+}
+
 void Follower::adopt_lineage(capnp::List<wire::LineageEntry>::Reader in) {
   if (in.size() == 0) return;
+  check_lineage_sizes(in, cfg_.master_address, "heartbeat");
   std::vector<LineageEntry> theirs;
   for (auto e : in) theirs.push_back({e.getId(), e.getFirstLsn()});
   const Identity me = node_.identity();
@@ -547,7 +557,7 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
   Lsn last_barrier = 0;
   for (auto wr : batch.getRecords()) {
     if (wr.getLsn() <= applied_upto) continue;  // applied with the stage this batch ended
-    Record rec = from_wire(wr, /*view_data=*/true);  // the frame outlives this loop
+    Record rec = from_wire(wr, /*view_data=*/true, cfg_.master_address);  // the frame outlives this loop
     if (rec.lsn <= last_lsn_)
       throw Error("master " + cfg_.master_address + " sent lsn " + std::to_string(rec.lsn) + " after " + std::to_string(last_lsn_), EPROTO);
     if (rec.is_barrier()) {

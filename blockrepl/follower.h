@@ -92,6 +92,8 @@ class Follower {
   void apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn applied_upto = 0);
   void stage_batch(Connection& conn, Frame& frame);
   void adopt_lineage(capnp::List<wire::LineageEntry>::Reader lineage);
+  // The welcome's variable-length fields within their limits (wire.h), before any is used.
+  void check_welcome_sizes(wire::Welcome::Reader w) const;
   void commit_stage(Connection& conn, Lsn lsn);
   void finish_stage();  // applies a committed stage and makes it the replica's state
   void send_hello(Connection& conn, wire::Purpose purpose, bool deep);

@@ -70,6 +70,7 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
     switch (msg.which()) {
       case wire::Message::DIR_QUERY: {
         for (auto p : msg.getDirQuery().getPaths()) {
+          check_field_size(p.size(), kMaxPathBytes, "directory path", conn.peer(), "dirQuery");
           const std::string path = text_of(p);
           if (!valid_relative_path(path)) throw Error("slave asked for a bad path", EPROTO);
           capnp::MallocMessageBuilder mb;
@@ -105,18 +106,12 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
           std::vector<Hash128> hs(indices.size(), kAbsentNode);
           uint64_t size = 0;
           const auto* place = snap.find(fid);
-          int fd = place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1;
-          if (fd >= 0) {
-            try {
-              hashes.with_tree(fid, fd, [&](const FileHashTree& t) {
-                size = t.size();
-                for (unsigned j = 0; j < indices.size(); j++) hs[j] = t.node(it.getLevel(), indices[j]);
-              });
-            } catch (...) {
-              close(fd);
-              throw;
-            }
-            close(fd);
+          OwnedFd file(place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1);
+          if (file) {
+            hashes.with_tree(fid, file.get(), [&](const FileHashTree& t) {
+              size = t.size();
+              for (unsigned j = 0; j < indices.size(); j++) hs[j] = t.node(it.getLevel(), indices[j]);
+            });
           }
           out[i].setFid(fid);
           out[i].setSize(size);
@@ -141,12 +136,13 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
         for (auto it : msg.getBlockRequest().getItems()) {
           const FileId fid = it.getFid();
           const auto* place = snap.find(fid);
-          int fd = place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1;
-          if (fd < 0) continue;  // gone since: the records that follow remove it
+          // Owned: a slave that goes away mid-answer (send throws) must not leak it.
+          OwnedFd file(place && place->entry->is_reg() ? open_snapshot_file(root_fd, place->path) : -1);
+          if (!file) continue;  // gone since: the records that follow remove it
+          const int fd = file.get();
           // A read error ends the session: a block left out would leave the slave silently
           // different (a file that shrank meanwhile reads short, which is no error).
           auto read_failed = [&](int err) {
-            close(fd);
             throw_errno("cannot read " + place->path + " for slave " + conn.peer(), err);
           };
           struct stat st;
@@ -186,7 +182,6 @@ void serve_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, bool as
               i = j;
             }
           }
-          close(fd);
         }
         capnp::MallocMessageBuilder mb;
         mb.initRoot<wire::Message>().setBlockDataDone();
@@ -231,6 +226,7 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
       if (msg.which() == wire::Message::DIR_LISTINGS_DONE) break;
       if (msg.which() != wire::Message::DIR_LISTING) throw Error("master sent an unexpected message during the Merkle diff", EPROTO);
       auto l = msg.getDirListing();
+      check_field_size(l.getPath().size(), kMaxPathBytes, "path", conn.peer(), "dirListing");
       const std::string path = text_of(l.getPath());
       if (!valid_relative_path(path)) throw Error("master sent a listing with a bad path", EPROTO);
       rep.dirs_listed++;
@@ -817,7 +813,7 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       auto m = f->root();
       if (m.which() != wire::Message::BATCH) continue;
       for (auto wr : m.getBatch().getRecords()) {
-        Record rec = from_wire(wr, true);
+        Record rec = from_wire(wr, true, where_);
         if (rec.lsn > out.lsn) break;
         if (rec.is_barrier()) continue;
         if (int err = store.apply_replayed(rec))

@@ -208,6 +208,8 @@ NsEntryInfo from_wire(wire::NsEntry::Reader in) {
     throw Error("peer sent symlink '" + e.name + "' with a bad target", EPROTO);
   for (auto x : in.getXattrs()) {
     auto v = x.getValue();
+    check_field_size(x.getName().size(), kMaxNameBytes, "xattr name", "peer", ("entry '" + e.name + "'").c_str());
+    check_field_size(v.size(), kMaxXattrValueBytes, "xattr value", "peer", ("entry '" + e.name + "'").c_str());
     e.xattrs.emplace_back(x.getName().cStr(), std::string(reinterpret_cast<const char*>(v.begin()), v.size()));
   }
   e.hash = hash_from(in.getHash());

@@ -1,7 +1,12 @@
 #include "blockrepl/upstream.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cinttypes>
+#include <cstring>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -13,6 +18,13 @@
 #include "blockrepl/log.h"
 
 namespace blockrepl {
+
+struct Upstream::PendingPeer {
+  OwnedFd fd;
+  std::string peer;
+  FrameAssembler frame{kMaxHelloFrameBytes};
+  std::chrono::steady_clock::time_point deadline;
+};
 
 struct Upstream::Session {
   std::unique_ptr<Connection> conn;
@@ -39,6 +51,54 @@ std::vector<LineageEntry> get_lineage(capnp::List<wire::LineageEntry>::Reader in
   for (auto e : in) out.push_back({e.getId(), e.getFirstLsn()});
   return out;
 }
+
+// Every variable-length field of a hello within its limit, checked before anything of it is used
+// (a hello is accepted before the session's thread exists: only its size is trusted so far).
+void check_hello_sizes(wire::Hello::Reader h, const std::string& peer) {
+  check_field_size(h.getNodeId().size(), kMaxIdBytes, "node id", peer, "hello");
+  check_field_size(h.getClusterId().size(), kMaxIdBytes, "cluster id", peer, "hello");
+  check_field_size(h.getHashAlgorithm().size(), kMaxHashNameBytes, "hash algorithm", peer, "hello");
+  check_field_size(h.getListenAddress().size(), kMaxAddressBytes, "listen address", peer, "hello");
+  check_lineage_sizes(h.getLineage(), peer, "hello");
+}
+
+// Events a flood repeats are logged at most kLinesPerSecond times a second; the next line says
+// how many were not.
+class RateLimitedLog {
+ public:
+  static constexpr unsigned kLinesPerSecond = 10;
+  // Logs `line` as a warning unless too many were logged this second.
+  void warn(const std::string& line) {
+    uint64_t skipped;
+    if (!allow(&skipped)) return;
+    if (skipped > 0) LOG_WARN("%s (%" PRIu64 " similar lines left out)", line.c_str(), skipped);
+    else LOG_WARN("%s", line.c_str());
+  }
+
+ private:
+  // Whether to log now; *suppressed is how many were skipped since the last line.
+  bool allow(uint64_t* suppressed) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - window_start_ >= std::chrono::seconds(1)) {
+      window_start_ = now;
+      lines_ = 0;
+    }
+    if (lines_ == kLinesPerSecond) {
+      skipped_++;
+      return false;
+    }
+    lines_++;
+    *suppressed = std::exchange(skipped_, 0);
+    return true;
+  }
+
+  std::chrono::steady_clock::time_point window_start_{};
+  unsigned lines_ = 0;
+  uint64_t skipped_ = 0;
+};
+
+// Used by accept threads only: one of each per thread.
+thread_local RateLimitedLog over_cap_log, handshake_failure_log;
 
 // What a hello says, as the plain values the attach decision takes.
 AttachHello hello_of(wire::Hello::Reader h) {
@@ -90,14 +150,19 @@ Upstream::~Upstream() { stop(); }
 
 void Upstream::start(int listen_fd) {
   listen_fd_ = listen_fd;
+  // The accept thread never blocks on one socket: it drains the listener and the pending peers.
+  fcntl(listen_fd_, F_SETFL, fcntl(listen_fd_, F_GETFL) | O_NONBLOCK);
+  wake_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake_fd_) throw_errno("cannot create the upstream's wake-up eventfd", errno);
   accept_thread_ = std::thread([this] { accept_loop(); });
   LOG_INFO("serving slaves on %s (ack %s)", cfg_.listen_address.c_str(), ack_level_name(cfg_.ack));
 }
 
 void Upstream::stop() {
   if (stopping_.exchange(true)) return;
-  if (listen_fd_ >= 0) {
-    shutdown(listen_fd_, SHUT_RDWR);
+  if (wake_fd_) {
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t w = write(wake_fd_.get(), &one, sizeof one);
   }
   if (accept_thread_.joinable()) accept_thread_.join();
   if (listen_fd_ >= 0) close(listen_fd_);
@@ -108,40 +173,153 @@ void Upstream::stop() {
     sessions = sessions_;
   }
   for (auto& s : sessions) s->conn->shutdown();
-  for (auto& s : sessions)
-    if (s->thread.joinable()) s->thread.join();
-  std::lock_guard lk(mu_);
-  sessions_.clear();
+  sessions.clear();
+  std::vector<std::thread> finished;
+  {
+    std::unique_lock lk(mu_);
+    retired_cv_.wait(lk, [this] { return sessions_.empty(); });
+    finished.swap(finished_);
+  }
+  for (auto& t : finished) t.join();
 }
 
+namespace {
+
+// How long the accept thread may sleep: until the earliest handshake deadline, and at most a
+// second, so that ended sessions' threads are joined soon.
+template <class Pending>
+int poll_timeout_ms(const Pending& pending) {
+  auto wake = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  for (auto& p : pending) wake = std::min(wake, p->deadline);
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(wake - std::chrono::steady_clock::now()).count();
+  return static_cast<int>(std::clamp<int64_t>(ms + 1, 0, 1000));
+}
+
+}  // namespace
+
 void Upstream::accept_loop() {
+  PendingPeers pending;
+  std::vector<pollfd> fds;
+  // Out of descriptors, the listener stays readable: rest it a moment rather than spin.
+  auto listener_rests_until = std::chrono::steady_clock::time_point{};
   while (!stopping_) {
-    auto conn = accept_from(listen_fd_);
-    if (!conn) break;
-    if (stopping_) break;
-    // A slave that stops reading must not block us forever: sends time out.
-    timeval tv{static_cast<time_t>(cfg_.ack_timeout.count() / 1000), static_cast<suseconds_t>((cfg_.ack_timeout.count() % 1000) * 1000)};
-    setsockopt(conn->fd(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    auto s = std::make_shared<Session>();
-    s->conn = std::move(conn);
-    // Reap sessions that ended; joined outside the lock, which their last steps still take.
-    std::list<std::shared_ptr<Session>> ended;
-    {
-      std::lock_guard lk(mu_);
-      for (auto it = sessions_.begin(); it != sessions_.end();) {
-        if ((*it)->dead) {
-          ended.push_back(*it);
-          it = sessions_.erase(it);
-        } else {
-          ++it;
-        }
-      }
-      sessions_.push_back(s);
-      s->thread = std::thread([this, s] { serve(s); });
+    fds.clear();
+    fds.push_back({wake_fd_.get(), POLLIN, 0});
+    const bool listener_rests = std::chrono::steady_clock::now() < listener_rests_until;
+    fds.push_back({listener_rests ? -1 : listen_fd_, POLLIN, 0});
+    for (auto& p : pending) fds.push_back({p->fd.get(), POLLIN, 0});
+    int r = poll(fds.data(), fds.size(), poll_timeout_ms(pending));
+    if (r < 0 && errno != EINTR) {
+      LOG_ERROR("upstream on %s: poll failed: %s; no more slaves are accepted", cfg_.listen_address.c_str(), strerror(errno));
+      break;
     }
-    for (auto& e : ended)
-      if (e->thread.joinable()) e->thread.join();
+    if (stopping_ || (r > 0 && fds[0].revents)) break;
+    if (r > 0) {
+      for (size_t i = 0; i < pending.size(); i++)
+        if (fds[i + 2].revents && advance_handshake(pending[i])) pending[i].reset();
+      std::erase(pending, nullptr);
+      if (fds[1].revents && !accept_pending(pending))
+        listener_rests_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    }
+    close_expired(pending);
+    join_finished_sessions();
   }
+  // Pending peers close as `pending` goes.
+}
+
+bool Upstream::accept_pending(PendingPeers& pending) {
+  for (;;) {
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+      // Out of descriptors, most likely: say so (rarely); the caller rests the listener.
+      over_cap_log.warn("upstream on " + cfg_.listen_address + ": accept failed: " + strerror(errno));
+      return false;
+    }
+    auto p = std::make_unique<PendingPeer>();
+    p->fd.reset(fd);
+    p->peer = peer_name_of(fd);
+    p->deadline = std::chrono::steady_clock::now() + cfg_.handshake_deadline;
+    if (pending.size() >= cfg_.max_pending_handshakes) make_room(pending);
+    pending.push_back(std::move(p));
+  }
+}
+
+// At the cap, the connection that has waited longest goes, after a last read: a slave sends its
+// hello as soon as it connects, so it is through long before it is the oldest, while a peer that
+// holds connections open idle cannot keep the newcomers (real slaves among them) out.
+void Upstream::make_room(PendingPeers& pending) {
+  auto& oldest = pending.front();
+  if (!advance_handshake(oldest))
+    over_cap_log.warn("closed connection from " + oldest->peer + ": " + std::to_string(pending.size()) +
+                      " connections wait for their handshake, it waited longest");
+  pending.erase(pending.begin());
+}
+
+bool Upstream::advance_handshake(std::unique_ptr<PendingPeer>& p) {
+  try {
+    // Everything the peer sent so far (at most one small frame): a hello in two reads is
+    // through in one wake-up.
+    for (;;) {
+      const uint64_t before = p->frame.bytes_received();
+      const auto status = p->frame.read_some(p->fd.get(), p->peer);
+      if (status == FrameAssembler::Status::closed)
+        throw Error("connection from " + p->peer + " closed before a hello", ECONNRESET);
+      if (status == FrameAssembler::Status::complete) break;
+      if (p->frame.bytes_received() == before) return false;  // nothing more for now
+    }
+    auto frame = p->frame.take(p->peer);
+    auto msg = frame->root();
+    if (msg.which() != wire::Message::HELLO)
+      throw Error("connection from " + p->peer + " spoke first with something other than hello", EPROTO);
+    check_hello_sizes(msg.getHello(), p->peer);
+    start_session(std::move(p), std::move(frame));
+  } catch (const std::exception& e) {
+    handshake_failure_log.warn(std::string("refused before its hello was accepted: ") + e.what());
+  }
+  return true;
+}
+
+void Upstream::close_expired(PendingPeers& pending) {
+  const auto now = std::chrono::steady_clock::now();
+  std::erase_if(pending, [&](const std::unique_ptr<PendingPeer>& p) {
+    if (p->deadline > now) return false;
+    handshake_failure_log.warn("closed connection from " + p->peer + ": no hello within " +
+                               std::to_string(cfg_.handshake_deadline.count() / 1000.0).substr(0, 4) + " s");
+    return true;
+  });
+}
+
+void Upstream::start_session(std::unique_ptr<PendingPeer> p, std::unique_ptr<Frame> hello) {
+  // The session's thread blocks on its socket; sends time out so that a slave that stops
+  // reading cannot block us forever.
+  fcntl(p->fd.get(), F_SETFL, fcntl(p->fd.get(), F_GETFL) & ~O_NONBLOCK);
+  timeval tv{static_cast<time_t>(cfg_.ack_timeout.count() / 1000), static_cast<suseconds_t>((cfg_.ack_timeout.count() % 1000) * 1000)};
+  setsockopt(p->fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  auto s = std::make_shared<Session>();
+  s->conn = std::make_unique<Connection>(p->fd.release(), p->peer);
+  std::lock_guard lk(mu_);  // held while s->thread is assigned: retire() takes it first
+  sessions_.push_back(s);
+  s->thread = std::thread([this, s, h = std::move(hello)]() mutable { serve(s, std::move(h)); });
+}
+
+void Upstream::retire(const std::shared_ptr<Session>& s) {
+  {
+    std::lock_guard lk(mu_);
+    sessions_.remove(s);
+    finished_.push_back(std::move(s->thread));
+  }
+  retired_cv_.notify_all();
+}
+
+void Upstream::join_finished_sessions() {
+  std::vector<std::thread> finished;
+  {
+    std::lock_guard lk(mu_);
+    finished.swap(finished_);
+  }
+  for (auto& t : finished) t.join();
 }
 
 void Upstream::drop(Session& s, const std::string& why) {
@@ -153,17 +331,19 @@ void Upstream::drop(Session& s, const std::string& why) {
   ack_cv_.notify_all();
 }
 
-void Upstream::serve(std::shared_ptr<Session> sp) {
+void Upstream::serve(std::shared_ptr<Session> sp, std::unique_ptr<Frame> hello) {
+  run_session(sp, std::move(hello));
+  retire(sp);
+  // The last reference to the session (and its socket) is this thread's: it closes as it ends.
+}
+
+void Upstream::run_session(std::shared_ptr<Session> sp, std::unique_ptr<Frame> frame) {
   Session& s = *sp;
   Connection& conn = *s.conn;
   std::thread ack_thread;
   std::shared_ptr<Journal::Reader> reader;
   try {
-    auto frame = conn.receive(10000);
-    if (!frame) throw Error("closed the connection before saying hello");
-    auto msg = frame->root();
-    if (msg.which() != wire::Message::HELLO) throw Error("spoke first with something other than hello", EPROTO);
-    auto hello = msg.getHello();
+    auto hello = frame->root().getHello();  // the accept thread checked its kind and sizes
     const Identity me = node_.identity();
     s.node_id = hello.getNodeId();
     s.listen = hello.getListenAddress();
@@ -327,6 +507,7 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
           break;
         }
         case wire::Message::ERROR:
+          check_field_size(msg.getError().getReason().size(), kMaxReasonBytes, "reason", s.conn->peer(), "error");
           throw Error(std::string("it reported: ") + msg.getError().getReason().cStr());
         default:
           throw Error("it sent an unexpected message", EPROTO);

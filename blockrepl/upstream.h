@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "blockrepl/fsutil.h"
 #include "blockrepl/journal.h"
 #include "blockrepl/node.h"
 #include "blockrepl/wire.h"
@@ -22,12 +23,20 @@ namespace blockrepl {
 
 inline constexpr auto kHeartbeatInterval = std::chrono::milliseconds(1000);
 
+// A connection is "pending" from accept until its hello is accepted: it may send one frame of at
+// most kMaxHelloFrameBytes, within the handshake deadline, and costs no thread meanwhile. At most
+// kMaxPendingHandshakes wait; a newcomer beyond them closes the one that waited longest.
+inline constexpr auto kHandshakeDeadline = std::chrono::seconds(10);
+inline constexpr size_t kMaxPendingHandshakes = 64;
+
 struct UpstreamConfig {
   std::string listen_address;
   AckLevel ack = AckLevel::sync;
   std::chrono::milliseconds ack_timeout{5000};
   unsigned min_sync_slaves = 0;
   bool assign_ids = true;  // a master tags files that have no id yet during a full copy
+  std::chrono::milliseconds handshake_deadline = kHandshakeDeadline;
+  size_t max_pending_handshakes = kMaxPendingHandshakes;
 };
 
 struct SlaveStatus {
@@ -57,10 +66,26 @@ class Upstream {
 
  private:
   struct Session;
+  struct PendingPeer;
+  using PendingPeers = std::vector<std::unique_ptr<PendingPeer>>;
+  // The accept thread: accepts into `pending`, reads each pending peer's first frame without
+  // blocking, closes those past their deadline, and starts a session for each accepted hello.
   void accept_loop();
+  // Accepts until none is waiting; false when accept failed otherwise (out of descriptors).
+  bool accept_pending(PendingPeers& pending);
+  // Reads what the peer sent; true when it is done with (a session started, or it was refused).
+  bool advance_handshake(std::unique_ptr<PendingPeer>& p);
+  void make_room(PendingPeers& pending);
+  void close_expired(PendingPeers& pending);
+  void start_session(std::unique_ptr<PendingPeer> p, std::unique_ptr<Frame> hello);
+  // Runs on the session's thread when it ends: the session leaves sessions_ (its socket closes as
+  // its last reference goes, now, not at the next accept) and its thread waits to be joined.
+  void retire(const std::shared_ptr<Session>& s);
+  void join_finished_sessions();
+  void run_session(std::shared_ptr<Session> s, std::unique_ptr<Frame> hello);
   void send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level,
                     const std::string& notice = {});
-  void serve(std::shared_ptr<Session> s);
+  void serve(std::shared_ptr<Session> s, std::unique_ptr<Frame> hello);
   void stream(Session& s, std::shared_ptr<Journal::Reader> reader);
   void read_acks(std::shared_ptr<Session> s);
   void drop(Session& s, const std::string& why);
@@ -69,11 +94,14 @@ class Upstream {
   Journal& journal_;
   UpstreamConfig cfg_;
   int listen_fd_ = -1;
+  OwnedFd wake_fd_;  // eventfd: stop() wakes the accept thread's poll
   std::thread accept_thread_;
   std::atomic<bool> stopping_{false};
   std::mutex mu_;
   std::condition_variable ack_cv_;
+  std::condition_variable retired_cv_;  // a session left sessions_ (stop() waits for all)
   std::list<std::shared_ptr<Session>> sessions_;
+  std::vector<std::thread> finished_;  // threads of retired sessions, not yet joined
 };
 
 }  // namespace blockrepl

@@ -9,14 +9,17 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <algorithm>
 #include <climits>
 #include <vector>
 #include <capnp/orphan.h>
 #include <unistd.h>
 
 #include "blockrepl/error.h"
+#include "blockrepl/fsutil.h"
 
 namespace blockrepl {
 
@@ -91,40 +94,109 @@ void Connection::send(capnp::MessageBuilder& msg) {
   bytes_sent_ += total;
 }
 
-bool Connection::read_full(void* buf, size_t n, int timeout_ms, bool eof_ok) {
-  char* p = static_cast<char*>(buf);
-  size_t got = 0;
-  while (got < n) {
-    if (timeout_ms > 0) {
-      pollfd pfd{fd_, POLLIN, 0};
-      int r = poll(&pfd, 1, timeout_ms);
-      if (r < 0 && errno == EINTR) continue;
-      if (r == 0) throw Error("no message from " + peer_ + " for " + std::to_string(timeout_ms / 1000.0).substr(0, 4) + " s", ETIMEDOUT);
-    }
-    ssize_t r = read(fd_, p + got, n - got);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      throw_errno("receive from " + peer_, errno);
-    }
-    if (r == 0) {
-      if (got == 0 && eof_ok) return false;
-      throw Error("connection to " + peer_ + " closed in the middle of a message", ECONNRESET);
-    }
-    got += static_cast<size_t>(r);
+void check_field_size(size_t size, size_t limit, const char* field, const std::string& peer, const char* what) {
+  if (size > limit)
+    throw Error(std::string(what) + " from " + peer + ": " + field + " is " + std::to_string(size) + " bytes (at most " +
+                    std::to_string(limit) + ")",
+                EPROTO);
+}
+
+void check_lineage_sizes(capnp::List<wire::LineageEntry>::Reader lineage, const std::string& peer, const char* what) {
+  if (lineage.size() > kMaxLineageEntries)
+    throw Error(std::string(what) + " from " + peer + ": lineage has " + std::to_string(lineage.size()) + " entries (at most " +
+                    std::to_string(kMaxLineageEntries) + ")",
+                EPROTO);
+  for (auto e : lineage) check_field_size(e.getId().size(), kMaxIdBytes, "lineage id", peer, what);
+}
+
+void FrameAssembler::accept_length(const std::string& peer) {
+  uint32_t len_le;
+  memcpy(&len_le, prefix_, sizeof len_le);
+  const size_t len = le32toh(len_le);
+  if (len == 0 || len % sizeof(capnp::word) != 0)
+    throw Error("malformed frame from " + peer + " (length " + std::to_string(len) + ")", EPROTO);
+  if (len > max_frame_bytes_)
+    throw Error("frame from " + peer + " too large (" + std::to_string(len) + " bytes, at most " +
+                    std::to_string(max_frame_bytes_) + (max_frame_bytes_ < kMaxFrameBytes ? " before a hello is accepted)" : ")"),
+                EPROTO);
+  length_ = len;
+  got_ = 0;
+}
+
+// Grows the buffer (up to the announced length) when it is full: to twice its size, or at once
+// to what already waits in the socket. Memory follows the bytes that arrived, so a peer that
+// announces 64 MiB and sends little costs little, and a large frame that has arrived is not
+// copied from buffer to buffer.
+void FrameAssembler::grow_for_next_read(int fd) {
+  const size_t have = buffer_.size() * sizeof(capnp::word);
+  if (got_ < have) return;
+  int waiting = 0;
+  if (ioctl(fd, FIONREAD, &waiting) != 0 || waiting < 0) waiting = 0;
+  const size_t arrived = got_ + static_cast<size_t>(waiting);
+  size_t want = std::min(length_, std::max({kFrameChunkBytes, 2 * have, arrived}));
+  want = (want + sizeof(capnp::word) - 1) / sizeof(capnp::word) * sizeof(capnp::word);
+  auto bigger = kj::heapArray<capnp::word>(want / sizeof(capnp::word));
+  if (got_ > 0) memcpy(bigger.begin(), buffer_.begin(), got_);
+  buffer_ = kj::mv(bigger);
+}
+
+FrameAssembler::Status FrameAssembler::read_some(int fd, const std::string& peer) {
+  void* into;
+  size_t want;
+  if (!have_length()) {
+    into = prefix_ + prefix_got_;
+    want = sizeof prefix_ - prefix_got_;
+  } else {
+    grow_for_next_read(fd);
+    into = reinterpret_cast<char*>(buffer_.begin()) + got_;
+    want = buffer_.size() * sizeof(capnp::word) - got_;
   }
-  bytes_received_ += n;
-  return true;
+  ssize_t r = read(fd, into, want);
+  if (r < 0) {
+    if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) return Status::incomplete;
+    throw_errno("receive from " + peer, errno);
+  }
+  if (r == 0) {
+    if (prefix_got_ == 0) return Status::closed;
+    throw Error("connection to " + peer + " closed in the middle of a message", ECONNRESET);
+  }
+  bytes_received_ += static_cast<size_t>(r);
+  if (!have_length()) {
+    prefix_got_ += static_cast<size_t>(r);
+    if (have_length()) accept_length(peer);
+    return Status::incomplete;
+  }
+  got_ += static_cast<size_t>(r);
+  return got_ == length_ ? Status::complete : Status::incomplete;
+}
+
+std::unique_ptr<Frame> FrameAssembler::take(const std::string& peer) {
+  // The last growth step sized the buffer to the announced length exactly.
+  auto words = kj::mv(buffer_);
+  prefix_got_ = 0;
+  length_ = got_ = 0;
+  return Frame::parse(kj::mv(words), peer);
+}
+
+void Connection::wait_readable(int timeout_ms) {
+  for (;;) {
+    pollfd pfd{fd_, POLLIN, 0};
+    int r = poll(&pfd, 1, timeout_ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r == 0) throw Error("no message from " + peer_ + " for " + std::to_string(timeout_ms / 1000.0).substr(0, 4) + " s", ETIMEDOUT);
+    return;
+  }
 }
 
 std::unique_ptr<Frame> Connection::receive(int timeout_ms) {
-  uint32_t len_le;
-  if (!read_full(&len_le, sizeof len_le, timeout_ms, true)) return nullptr;
-  uint32_t len = le32toh(len_le);
-  if (len == 0 || len % sizeof(capnp::word) != 0 || len > kMaxFrameBytes)
-    throw Error("malformed frame from " + peer_ + " (length " + std::to_string(len) + ")", EPROTO);
-  auto words = kj::heapArray<capnp::word>(len / sizeof(capnp::word));
-  read_full(words.begin(), len, timeout_ms, false);
-  return Frame::parse(kj::mv(words), peer_);
+  for (;;) {
+    if (timeout_ms > 0) wait_readable(timeout_ms);
+    switch (reader_.read_some(fd_, peer_)) {
+      case FrameAssembler::Status::closed: return nullptr;
+      case FrameAssembler::Status::complete: return reader_.take(peer_);
+      case FrameAssembler::Status::incomplete: break;
+    }
+  }
 }
 
 std::unique_ptr<Frame> Frame::parse(kj::Array<capnp::word> words, const std::string& where) {
@@ -229,7 +301,7 @@ int listen_on(const std::string& address) {
   }
   int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 16) != 0) {
+  if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, SOMAXCONN) != 0) {
     int e = errno;
     close(fd);
     freeaddrinfo(res);
@@ -238,6 +310,13 @@ int listen_on(const std::string& address) {
   }
   freeaddrinfo(res);
   return fd;
+}
+
+std::string peer_name_of(int fd) {
+  sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return "?";
+  return peer_name(reinterpret_cast<sockaddr*>(&ss));
 }
 
 std::unique_ptr<Connection> accept_from(int listen_fd) {
@@ -290,19 +369,41 @@ void to_wire(const Record& rec, wire::Record::Builder out) {
   }
 }
 
-Record from_wire(wire::Record::Reader in, bool view_data) {
+namespace {
+
+// The largest data a record of this operation may carry: a symlink's target, an xattr's value,
+// a write's data; the others carry none.
+size_t max_record_data(Op op) {
+  switch (op) {
+    case Op::write: return kMaxRecordDataBytes;
+    case Op::symlink: return kMaxPathBytes;
+    case Op::setxattr: return kMaxXattrValueBytes;
+    default: return 0;
+  }
+}
+
+void check_record_sizes(wire::Record::Reader in, Op op, const std::string& peer) {
+  const std::string what = std::string("record (") + op_name(op) + ", lsn " + std::to_string(in.getLsn()) + ")";
+  check_field_size(in.getName().size(), kMaxNameBytes, "name", peer, what.c_str());
+  check_field_size(in.getName2().size(), kMaxNameBytes, "name2", peer, what.c_str());
+  check_field_size(in.getData().size(), max_record_data(op), "data", peer, what.c_str());
+}
+
+}  // namespace
+
+Record from_wire(wire::Record::Reader in, bool view_data, const std::string& peer) {
   Record rec;
   rec.lsn = in.getLsn();
   uint8_t op = in.getOp();
   if (op < static_cast<uint8_t>(Op::write) || op > static_cast<uint8_t>(Op::release))
     throw Error("record with unknown operation " + std::to_string(op) + " at lsn " + std::to_string(rec.lsn), EPROTO);
   rec.op = static_cast<Op>(op);
+  check_record_sizes(in, rec.op, peer);
   rec.fid = in.getFid();
   rec.parent = in.getParent();
   rec.parent2 = in.getParent2();
   auto name = in.getName();
   auto name2 = in.getName2();
-  if (name.size() > 4096 || name2.size() > 4096) throw Error("record with an oversized name at lsn " + std::to_string(rec.lsn), EPROTO);
   rec.name.assign(reinterpret_cast<const char*>(name.begin()), name.size());
   rec.name2.assign(reinterpret_cast<const char*>(name2.begin()), name2.size());
   rec.offset = in.getOffset();

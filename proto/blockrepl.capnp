@@ -6,8 +6,21 @@ $Cxx.namespace("blockrepl::wire");
 #
 # Transport: TCP. Each message is one frame: a 4-byte little-endian length N followed by N bytes
 # holding one Cap'n Proto message (flat array, unpacked) whose root is `Message`. A receiver
-# refuses frames larger than its limit (64 MiB) and decodes with a traversal limit, so a broken
-# or hostile peer costs at most one frame of memory; any violation drops the connection.
+# refuses frames larger than its limit and decodes with a traversal limit; it holds a frame in a
+# buffer that grows as the bytes arrive (never the announced length up front), so a broken or
+# hostile peer costs at most what it sent of one frame. Any violation drops the connection.
+#
+# Limits (blockrepl/wire.h, blockrepl/upstream.h):
+#   before the hello is accepted: the first frame at most 64 KiB, and it must be a hello that
+#     arrives within 10 s of the connection; at most 64 connections wait for their handshake
+#     (further ones are closed at once), and they cost the master no thread.
+#   after: frames up to 64 MiB.
+#   fields: node, cluster and lineage ids 255 bytes; listen address 255; hash algorithm 32;
+#     lineage 4096 entries; names (entries, xattrs) 255 per component; paths and link targets
+#     4096; xattr values 64 KiB; a record's data 16 MiB (write), 4096 (symlink), 64 KiB
+#     (setxattr), none otherwise; copy chunks 16 MiB; error reasons and welcome notices 4096.
+#   A hello over a limit is refused without an answer; other messages over a limit end the
+#   connection. The receiver logs one line naming the peer and the field.
 #
 # Conversation (the downstream node, a slave or `pull`, opens the connection):
 #   slave  -> master  hello        who I am, what I hold (cluster, node, block size, hash,
