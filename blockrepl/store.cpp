@@ -17,6 +17,7 @@
 #include "blockrepl/fsutil.h"
 #include "blockrepl/hash_index.h"
 #include "blockrepl/log.h"
+#include "blockrepl/metadata.h"
 
 namespace blockrepl {
 
@@ -50,7 +51,19 @@ int ok_or_errno(int rc) { return rc == 0 ? 0 : errno; }
 
 }  // namespace
 
-Store::Store(int root_fd, bool track_files) : root_fd_(root_fd), track_files_(track_files), files_(root_fd) {}
+Store::Store(int root_fd, bool track_files) : root_fd_(root_fd), track_files_(track_files), files_(root_fd) {
+  struct stat st;
+  if (fstat(root_fd, &st) == 0) root_dev_ = st.st_dev, root_ino_ = st.st_ino;
+}
+
+// The metadata folder (and a file system's own lost+found) at the volume's root are not part of
+// the volume: no record may make, remove, rename or link them, whoever sent it. A record from a
+// hostile or broken peer must never reach the replica's own state.
+bool Store::names_hidden_entry(int dirfd, const std::string& name) const {
+  if (name != kMetadataDirName && name != kLostFoundName) return false;
+  struct stat st;
+  return fstat(dirfd, &st) != 0 || (st.st_dev == root_dev_ && st.st_ino == root_ino_);
+}
 
 int Store::resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw) {
   t = given;
@@ -246,6 +259,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::symlink: {
       if (t.parent_fd < 0) return ENOENT;
       if (!valid_path_component(rec.name)) return EINVAL;
+      if (names_hidden_entry(t.parent_fd, rec.name)) return EPERM;
       int rc;
       if (rec.op == Op::mkdir) {
         rc = mkdirat(t.parent_fd, rec.name.c_str(), rec.mode & 07777);
@@ -261,6 +275,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::link: {
       if (t.path_fd < 0 || t.parent_fd < 0) return ENOENT;
       if (!valid_path_component(rec.name)) return EINVAL;
+      if (names_hidden_entry(t.parent_fd, rec.name)) return EPERM;
       if (linkat(t.path_fd, "", t.parent_fd, rec.name.c_str(), AT_EMPTY_PATH) != 0) return errno;
       return 0;
     }
@@ -268,6 +283,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::rmdir: {
       if (t.parent_fd < 0) return ENOENT;
       if (!valid_path_component(rec.name)) return EINVAL;
+      if (names_hidden_entry(t.parent_fd, rec.name)) return EPERM;
       if (unlinkat(t.parent_fd, rec.name.c_str(), rec.op == Op::rmdir ? AT_REMOVEDIR : 0) != 0) return errno;
       maybe_orphaned(rec.fid);
       return 0;
@@ -275,6 +291,7 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::rename: {
       if (t.parent_fd < 0 || t.parent2_fd < 0) return ENOENT;
       if (!valid_path_component(rec.name) || !valid_path_component(rec.name2)) return EINVAL;
+      if (names_hidden_entry(t.parent_fd, rec.name) || names_hidden_entry(t.parent2_fd, rec.name2)) return EPERM;
       // A rename over an existing file takes that file's name away.
       const FileId replaced = (rec.flags & RENAME_EXCHANGE) ? kInvalidFileId
                                                              : read_file_id(t.parent2_fd, rec.name2.c_str()).value_or(kInvalidFileId);

@@ -89,11 +89,14 @@ class Store {
   void report_stamps(const Record& rec, const Targets& t, Stamps& out);
   int apply_stamps(const Record& rec, const Targets& t);
   int skip_replayed(const Record& rec);
+  bool names_hidden_entry(int dirfd, const std::string& name) const;
   // fid may have lost its last name: the tables holding descriptors of it let go in time.
   void maybe_orphaned(FileId fid);
   FileId entry_fid(FileId dir, const std::string& name);
 
   int root_fd_;
+  dev_t root_dev_ = 0;
+  ino_t root_ino_ = 0;
   bool track_files_;
   FileRegistry files_;
   HashIndex* hashes_ = nullptr;

@@ -1010,6 +1010,33 @@ TEST_F(StoreTest, HostileNamesAreRefusedAndNothingOutsideTheRootIsTouched) {
   EXPECT_EQ(store().files().path(kL1).get(), -1);
 }
 
+// No record, whoever sent it, reaches the metadata folder (or a file system's lost+found) at the
+// root: a hostile master renaming the replica's .blockrepl into view, or replacing it, is refused.
+TEST_F(StoreTest, RecordsNeverTouchTheMetadataFolderOrLostFoundAtTheRoot) {
+  const std::string meta = p(kMetadataDirName);
+  if (!exists(meta)) ASSERT_EQ(::mkdir(meta.c_str(), 0700), 0);
+  spit(meta + "/identity", "ours");
+  ASSERT_EQ(apply(R.mkdir(kRootFileId, "d", kD1)), 0);
+  ASSERT_EQ(apply(R.create(kD1, "f", kF1)), 0);
+  for (const char* name : {kMetadataDirName, kLostFoundName}) {
+    SCOPED_TRACE(name);
+    EXPECT_ERRNO(EPERM, apply(R.create(kRootFileId, name, kF2)));
+    EXPECT_ERRNO(EPERM, apply(R.mkdir(kRootFileId, name, kD2)));
+    EXPECT_ERRNO(EPERM, apply(R.symlink(kRootFileId, name, kL1, "d")));
+    EXPECT_ERRNO(EPERM, apply(R.link(kF1, kRootFileId, name)));
+    EXPECT_ERRNO(EPERM, apply(R.unlink(kRootFileId, name, kF2)));
+    EXPECT_ERRNO(EPERM, apply(R.rmdir(kRootFileId, name, kD2)));
+    EXPECT_ERRNO(EPERM, apply(R.rename(kRootFileId, name, kRootFileId, "visible")));
+    EXPECT_ERRNO(EPERM, apply(R.rename(kD1, "f", kRootFileId, name)));
+    EXPECT_ERRNO(EPERM, apply(R.rename(kD1, "f", kRootFileId, name, RENAME_EXCHANGE)));
+  }
+  EXPECT_EQ(slurp(meta + "/identity"), "ours");
+  EXPECT_FALSE(exists(p("visible")));
+  // The same names below the root are ordinary names.
+  EXPECT_EQ(apply(R.mkdir(kD1, kMetadataDirName, kD2)), 0);
+  EXPECT_EQ(apply(R.create(kD1, kLostFoundName, kF2)), 0);
+}
+
 TEST_F(StoreTest, LongestValidNameIsAccepted) {
   std::string name(255, 'x');
   ASSERT_EQ(apply(R.create(kRootFileId, name, kF1)), 0);
