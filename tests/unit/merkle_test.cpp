@@ -29,6 +29,7 @@
 #include "blockrepl/store.h"
 #include "blockrepl/wire.h"
 #include "proc_fds.h"
+#include "hashed_volume.h"
 #include "temp_dir.h"
 
 namespace blockrepl {
@@ -42,45 +43,8 @@ std::string random_bytes(std::mt19937_64& rng, size_t n) {
   return s;
 }
 
-// A backing directory with its metadata folder, a Store and a HashIndex, as a node has them.
-struct Volume {
-  TempDir dir;
-  int root_fd = -1, meta_fd = -1;
-  std::unique_ptr<Store> store;
-  std::unique_ptr<HashIndex> hashes;
-  Lsn lsn = 0;
-
-  Volume() {
-    mkdir((dir.path + "/" + kMetadataDirName).c_str(), 0700);
-    root_fd = open(dir.path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
-    meta_fd = open((dir.path + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (write_file_id(root_fd, "", kRootFileId) != 0) throw std::runtime_error("tag root");
-    store = std::make_unique<Store>(root_fd, true);
-    open_hashes();
-  }
-  ~Volume() {
-    if (store) store->set_hashes(nullptr);
-    hashes.reset();
-    store.reset();
-    close(meta_fd);
-    close(root_fd);
-  }
-  void open_hashes() {
-    hashes = std::make_unique<HashIndex>(store->files(), root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
-    store->set_hashes(hashes.get());
-  }
-  // Drops the index without saving (as SIGKILL would), then opens it again.
-  void crash_hashes() {
-    store->set_hashes(nullptr);
-    hashes.reset();
-    open_hashes();
-  }
-  std::string path(const std::string& rel) const { return dir.path + "/" + rel; }
-
-  int apply(Record r) {
-    r.lsn = ++lsn;
-    return store->apply(r);
-  }
+struct Volume : HashedVolume {
+  Volume() : HashedVolume(kBs) {}
   FileId create(FileId parent, const std::string& name, mode_t mode = S_IFREG | 0644, FileId fid = 0) {
     Record r;
     r.op = S_ISDIR(mode) ? Op::mkdir : Op::create;

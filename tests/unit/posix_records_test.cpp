@@ -22,6 +22,7 @@
 #include "blockrepl/metadata.h"
 #include "blockrepl/store.h"
 #include "blockrepl/wire.h"
+#include "hashed_volume.h"
 #include "temp_dir.h"
 
 namespace blockrepl {
@@ -29,41 +30,8 @@ namespace {
 
 constexpr uint32_t kBs = 4096;
 
-// A backing directory with its metadata folder, a Store and a HashIndex, as a node has them.
-struct Volume {
-  TempDir dir;
-  int root_fd = -1, meta_fd = -1;
-  std::unique_ptr<Store> store;
-  std::unique_ptr<HashIndex> hashes;
-
-  Volume() {
-    mkdir((dir.path + "/" + kMetadataDirName).c_str(), 0700);
-    root_fd = open(dir.path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
-    meta_fd = open((dir.path + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (write_file_id(root_fd, "", kRootFileId) != 0) throw std::runtime_error("cannot tag " + dir.path);
-    store = std::make_unique<Store>(root_fd, true);
-    open_hashes();
-  }
-  ~Volume() {
-    store->set_hashes(nullptr);
-    hashes.reset();
-    store.reset();
-    close(meta_fd);
-    close(root_fd);
-  }
-  void open_hashes() {
-    hashes = std::make_unique<HashIndex>(store->files(), root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
-    store->set_hashes(hashes.get());
-  }
-  // Drops the index without saving (as SIGKILL would), then opens it again: it recovers from
-  // the dirty-region log.
-  void crash_hashes() {
-    store->set_hashes(nullptr);
-    hashes.reset();
-    open_hashes();
-  }
-  std::string path(const std::string& rel) const { return dir.path + "/" + rel; }
-
+struct Volume : HashedVolume {
+  Volume() : HashedVolume(kBs) {}
   FileId create(const std::string& name) {
     Record r;
     r.op = Op::create;

@@ -21,6 +21,7 @@
 #include "blockrepl/hash_tree.h"
 #include "blockrepl/metadata.h"
 #include "blockrepl/store.h"
+#include "hashed_volume.h"
 #include "temp_dir.h"
 
 namespace blockrepl {
@@ -72,34 +73,8 @@ Hash128 dense_reference_root(int fd, uint64_t size) {
   return hash_bytes(root, sizeof root);
 }
 
-// A backing directory with its metadata folder, a Store and a HashIndex, as a master has them.
-struct Volume {
-  TempDir dir;
-  int root_fd = -1, meta_fd = -1;
-  std::unique_ptr<Store> store;
-  std::unique_ptr<HashIndex> hashes;
-  Lsn lsn = 0;
-
-  Volume() {
-    mkdir((dir.path + "/" + kMetadataDirName).c_str(), 0700);
-    root_fd = open(dir.path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
-    meta_fd = open((dir.path + "/" + kMetadataDirName).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (write_file_id(root_fd, "", kRootFileId) != 0) throw std::runtime_error("tag root");
-    store = std::make_unique<Store>(root_fd, true);
-    hashes = std::make_unique<HashIndex>(store->files(), root_fd, meta_fd, dir.path, kBs, /*durable=*/false);
-    store->set_hashes(hashes.get());
-  }
-  ~Volume() {
-    store->set_hashes(nullptr);
-    hashes.reset();
-    store.reset();
-    close(meta_fd);
-    close(root_fd);
-  }
-  int apply(Record r) {
-    r.lsn = ++lsn;
-    return store->apply(r);
-  }
+struct Volume : HashedVolume {
+  Volume() : HashedVolume(kBs) {}
   FileId create(const std::string& name) {
     Record r;
     r.op = Op::create;
