@@ -189,12 +189,22 @@ void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
   conn.send(mb);
 }
 
+// The master's answer to our hello. Until it is known to speak our protocol and accept us, its
+// frames are as small as a hello must be (what a master may send us is bounded the same way as
+// what a slave may send it); after the welcome, the full limit.
+std::unique_ptr<Frame> Follower::receive_welcome(Connection& conn) {
+  conn.set_max_frame_bytes(kMaxHelloFrameBytes);
+  auto frame = conn.receive(30000);
+  conn.set_max_frame_bytes(kMaxFrameBytes);
+  return frame;
+}
+
 void Follower::handshake(Connection& conn) {
   drop_uncommitted_stage();
   const Identity me = node_.identity();
   send_hello(conn, wire::Purpose::ATTACH, false);
   const bool empty = me.cluster_id.empty() || data_dir_is_empty(node_.root_fd());
-  auto frame = conn.receive(30000);
+  auto frame = receive_welcome(conn);
   if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the handshake");
   auto msg = frame->root();
   if (msg.which() == wire::Message::ERROR) {
@@ -541,7 +551,7 @@ DiffReport Follower::verify(bool deep) {
   if (!hashes) throw Error("this node keeps no hash trees");
   auto conn = connect_to(cfg_.master_address, 5000);
   send_hello(*conn, wire::Purpose::VERIFY, deep);
-  auto frame = conn->receive(30000);
+  auto frame = receive_welcome(*conn);
   if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");
   if (frame->root().which() == wire::Message::ERROR)
     throw Error(std::string("master ") + cfg_.master_address + " refused: " + frame->root().getError().getReason().cStr());

@@ -87,6 +87,7 @@ class Follower {
   void run();
   void session();  // connect (unless attach_now() left a connection), then stream until it breaks
   void handshake(Connection& conn);
+  std::unique_ptr<Frame> receive_welcome(Connection& conn);
   void receive_copy(Connection& conn);
   void stream(Connection& conn);
   void apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn applied_upto = 0);

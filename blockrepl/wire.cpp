@@ -117,7 +117,7 @@ void FrameAssembler::accept_length(const std::string& peer) {
     throw Error("malformed frame from " + peer + " (length " + std::to_string(len) + ")", EPROTO);
   if (len > max_frame_bytes_)
     throw Error("frame from " + peer + " too large (" + std::to_string(len) + " bytes, at most " +
-                    std::to_string(max_frame_bytes_) + (max_frame_bytes_ < kMaxFrameBytes ? " before a hello is accepted)" : ")"),
+                    std::to_string(max_frame_bytes_) + (max_frame_bytes_ < kMaxFrameBytes ? " before the handshake is complete)" : ")"),
                 EPROTO);
   length_ = len;
   got_ = 0;

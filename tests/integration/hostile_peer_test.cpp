@@ -16,7 +16,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
+#include <set>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -342,6 +344,59 @@ TEST(HostilePeer, EndedSessionsCloseTheirSocketsAtOnce) {
   idle.clear();  // they hang up before saying anything
   EXPECT_TRUE(repl::wait_until([&] { return socket_count(pid) <= sockets_alone; }, 5s))
       << socket_count(pid) << " sockets open, " << sockets_alone << " before";
+}
+
+}  // namespace
+}  // namespace blockrepl::test
+
+namespace blockrepl::test {
+namespace {
+
+// A fake master answers a slave's hello with a frame far larger than a welcome: the slave
+// refuses it at its length, with one line, and writes nothing but its metadata folder.
+TEST(HostilePeer, AFakeMastersHugeWelcomeIsRefusedAtItsLength) {
+  TempDir tmp("hostile-master");
+  const std::string data = tmp.sub("data"), mnt = tmp.sub("mnt");
+  OwnedFd listener(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(listener);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const int port = free_port();
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  int one = 1;
+  setsockopt(listener.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  ASSERT_EQ(bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(listen(listener.get(), 4), 0);
+  std::atomic<size_t> sent{0};
+  std::thread fake([&] {
+    // Answers every hello (the mount tries once) with 16 MiB announced and 1 MiB sent.
+    for (int i = 0; i < 3; i++) {
+      pollfd p{listener.get(), POLLIN, 0};
+      if (poll(&p, 1, 10000) <= 0) return;
+      OwnedFd c(accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!c) return;
+      char buf[4096];
+      (void)!read(c.get(), buf, sizeof buf);  // the hello (whatever it holds)
+      const uint32_t len = htole32(16u << 20);
+      std::string frame(reinterpret_cast<const char*>(&len), sizeof len);
+      frame.append(1 << 20, '\0');
+      ssize_t n = send(c.get(), frame.data(), frame.size(), MSG_NOSIGNAL);
+      if (n > 0) sent += static_cast<size_t>(n);
+    }
+  });
+  CommandResult r = run_blockrepl({"mount", "--data", data, "--master", "127.0.0.1:" + std::to_string(port), mnt}, 60);
+  shutdown(listener.get(), SHUT_RDWR);
+  fake.join();
+  EXPECT_NE(r.exit_code, 0) << "a slave mounted on a master that sent garbage";
+  EXPECT_NE(r.err.find("too large"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("before the handshake is complete"), std::string::npos) << r.err;
+  std::string line = r.err;
+  if (!line.empty() && line.back() == '\n') line.pop_back();
+  EXPECT_EQ(line.find('\n'), std::string::npos) << "more than one line: " << r.err;
+  EXPECT_FALSE(is_mounted(mnt));
+  EXPECT_EQ(list_dir(data), std::set<std::string>{".blockrepl"}) << "the refused master's bytes reached the data directory";
+  EXPECT_GT(sent.load(), 0u) << "the fake master never answered: the test proves nothing";
 }
 
 }  // namespace
