@@ -8,10 +8,13 @@
 
 #include <memory>
 #include <stdexcept>
+
+#include <gtest/gtest.h>
 #include <string>
 
 #include "blockrepl/file_id.h"
 #include "blockrepl/hash_index.h"
+#include "blockrepl/hash_tree.h"
 #include "blockrepl/metadata.h"
 #include "blockrepl/store.h"
 #include "temp_dir.h"
@@ -60,6 +63,34 @@ struct HashedVolume {
   int apply(Record r) {
     r.lsn = ++lsn;
     return store->apply(r);
+  }
+  // A new regular file at the root; its id.
+  FileId create(const std::string& name) {
+    Record r;
+    r.op = Op::create;
+    r.parent = kRootFileId;
+    r.name = name;
+    r.fid = new_file_id();
+    r.mode = S_IFREG | 0644;
+    EXPECT_EQ(apply(r), 0) << name;
+    return r.fid;
+  }
+  // The root of a tree built afresh from the file's data, to compare the index's with.
+  Hash128 fresh_root(const std::string& rel) const {
+    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    fstat(fd, &st);
+    FileHashTree t(block_size);
+    t.build(fd, static_cast<uint64_t>(st.st_size));
+    close(fd);
+    return t.root();
+  }
+  // The root the index keeps for fid (built or refreshed as needed).
+  Hash128 index_root(FileId fid, const std::string& rel) {
+    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
+    Hash128 h = hashes->root(fid, fd);
+    close(fd);
+    return h;
   }
 };
 

@@ -87,21 +87,6 @@ struct Volume : HashedVolume {
     r.fid = fid;
     EXPECT_EQ(apply(r), 0);
   }
-  Hash128 fresh_root(const std::string& rel) {
-    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    fstat(fd, &st);
-    FileHashTree t(kBs);
-    t.build(fd, static_cast<uint64_t>(st.st_size));
-    close(fd);
-    return t.root();
-  }
-  Hash128 index_root(FileId fid, const std::string& rel) {
-    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
-    Hash128 h = hashes->root(fid, fd);
-    close(fd);
-    return h;
-  }
 };
 
 // A master volume whose contents are copied (with file ids) to a slave volume, as a full copy does.

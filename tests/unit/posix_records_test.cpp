@@ -32,16 +32,6 @@ constexpr uint32_t kBs = 4096;
 
 struct Volume : HashedVolume {
   Volume() : HashedVolume(kBs) {}
-  FileId create(const std::string& name) {
-    Record r;
-    r.op = Op::create;
-    r.parent = kRootFileId;
-    r.name = name;
-    r.fid = new_file_id();
-    r.mode = S_IFREG | 0644;
-    EXPECT_EQ(store->apply(r), 0) << name;
-    return r.fid;
-  }
   int write(FileId fid, uint64_t off, const std::string& data) {
     Record r;
     r.op = Op::write;
@@ -58,21 +48,6 @@ struct Volume : HashedVolume {
     r.offset = off;
     r.length = len;
     return store->apply(r);
-  }
-  Hash128 fresh_root(const std::string& rel) const {
-    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    fstat(fd, &st);
-    FileHashTree t(kBs);
-    t.build(fd, static_cast<uint64_t>(st.st_size));
-    close(fd);
-    return t.root();
-  }
-  Hash128 index_root(FileId fid, const std::string& rel) {
-    int fd = open(path(rel).c_str(), O_RDONLY | O_CLOEXEC);
-    Hash128 h = hashes->root(fid, fd);
-    close(fd);
-    return h;
   }
 };
 
