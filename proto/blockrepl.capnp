@@ -1,19 +1,23 @@
 @0xc3a1f0e6b2d49a71;
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("blockrepl::wire");
-# blockrepl wire protocol, version 3: 2 added the `release` record; 3 added directory time stamps
-# on namespace records, the listed directory's mtime in dirListing, and hello.resync.
+# blockrepl wire protocol, version 4: 2 added the `release` record; 3 added directory time stamps
+# on namespace records, the listed directory's mtime in dirListing, and hello.resync; 4 added
+# authentication (authHello, authChallenge, authProof) and TLS.
 #
-# Transport: TCP. Each message is one frame: a 4-byte little-endian length N followed by N bytes
+# Transport: TCP, or TLS 1.3 over TCP when both ends have --tls-cert/--tls-key/--tls-ca (each
+# verifies the other's certificate against its CA; the downstream node checks the upstream's
+# host name). Each message is one frame: a 4-byte little-endian length N followed by N bytes
 # holding one Cap'n Proto message (flat array, unpacked) whose root is `Message`. A receiver
 # refuses frames larger than its limit and decodes with a traversal limit; it holds a frame in a
 # buffer that grows as the bytes arrive (never the announced length up front), so a broken or
 # hostile peer costs at most what it sent of one frame. Any violation drops the connection.
 #
 # Limits (blockrepl/wire.h, blockrepl/upstream.h):
-#   before the hello is accepted: the first frame at most 64 KiB, and it must be a hello that
-#     arrives within 10 s of the connection; at most 64 connections wait for their handshake
-#     (further ones are closed at once), and they cost the master no thread.
+#   before the hello is accepted: frames at most 64 KiB; the TLS handshake, the authentication
+#     and the hello must be through within 10 s of the connection; at most 64 connections wait
+#     for their handshake (the one that waited longest is closed for a newcomer), and they cost
+#     the master no thread.
 #   after: frames up to 64 MiB.
 #   fields: node, cluster and lineage ids 255 bytes; listen address 255; hash algorithm 32;
 #     lineage 4096 entries; names (entries, xattrs) 255 per component; paths and link targets
@@ -23,6 +27,18 @@ $Cxx.namespace("blockrepl::wire");
 #   connection. The receiver logs one line naming the peer and the field.
 #
 # Conversation (the downstream node, a slave or `pull`, opens the connection):
+#   authentication, when the nodes have a --secret-file (the upstream node refuses a hello that
+#   did not come after it; a downstream node with a secret refuses an upstream one without):
+#   slave  -> master  authHello     protocol version and a fresh random 32-byte nonce
+#   master -> slave   authChallenge a fresh random 32-byte nonce of its own
+#   slave  -> master  authProof     the cluster id it belongs to ("" if none yet) and
+#                                   HMAC-SHA256(secret, proof input "slave")
+#   master -> slave   authProof     its cluster id and HMAC-SHA256(secret, proof input "master"),
+#                     | error       or refused ("authentication failed"); nothing else before
+#   The proof input (blockrepl/auth.h): "blockrepl-auth-v1", the role, both nonces, both cluster
+#   ids (the slave's claim, and for the master's proof its own), and with TLS 32 bytes of the TLS
+#   session's keying material (exporter label "EXPORTER-blockrepl-auth"), so that a proof is
+#   worth nothing on another connection, in another cluster or through a relay.
 #   slave  -> master  hello        who I am, what I hold (cluster, node, block size, hash,
 #                                  lineage, last durable LSN), what ack level I want
 #   master -> slave   welcome      accepted: the attach method and where the stream starts
@@ -55,7 +71,7 @@ $Cxx.namespace("blockrepl::wire");
 
 # The one protocol version constant (blockrepl/wire.h takes it from here): nodes of different
 # versions refuse each other with a clear message.
-const protocolVersion :UInt32 = 3;
+const protocolVersion :UInt32 = 4;
 
 # The block hash both ends must use (hello.hashAlgorithm): XXH3-128 of each --block-size block.
 const hashAlgorithm :Text = "xxh3-128";
@@ -292,5 +308,23 @@ struct Message {
     blockDataDone @15 :Void;
     diffDone @16 :Void;
     merkleDone @17 :MerkleDone;
+    authHello @18 :AuthHello;
+    authChallenge @19 :AuthChallenge;
+    authProof @20 :AuthProof;
   }
+}
+
+# Authentication (see the conversation above). Nonces are exactly 32 bytes, MACs exactly 32.
+struct AuthHello {
+  protocolVersion @0 :UInt32;
+  nonce @1 :Data;
+}
+
+struct AuthChallenge {
+  nonce @0 :Data;
+}
+
+struct AuthProof {
+  clusterId @0 :Text;
+  mac @1 :Data;
 }
