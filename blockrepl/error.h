@@ -14,6 +14,13 @@ class Error : public std::runtime_error {
   int errno_;
 };
 
+// A refusal the operator must act on (cluster or block-size mismatch, protocol version, a wrong
+// secret or certificate, ...): a slave stops trying instead of reconnecting.
+class FatalAttachError : public Error {
+ public:
+  using Error::Error;
+};
+
 // "what: strerror(err)"
 std::string errno_message(const std::string& what, int err);
 [[noreturn]] void throw_errno(const std::string& what, int err);

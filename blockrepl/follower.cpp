@@ -1,5 +1,7 @@
 #include "blockrepl/follower.h"
 
+#include "blockrepl/handshake.h"
+
 #include <cerrno>
 #include <cinttypes>
 #include <cstring>
@@ -49,7 +51,7 @@ bool Follower::has_data() const { return state_.attach_complete() && !node_.iden
 
 void Follower::attach_now() {
   try {
-    auto conn = connect_to(cfg_.master_address, 5000);
+    auto conn = connect_upstream(cfg_.master_address, 5000, cfg_.security, node_.identity().cluster_id);
     handshake(*conn);
     first_conn_ = std::move(conn);  // streaming continues on it in start()
   } catch (const std::exception& e) {
@@ -141,7 +143,7 @@ void Follower::session() {
   if (stage_->committed()) finish_stage();
   std::unique_ptr<Connection> conn = std::move(first_conn_);
   const bool fresh = !conn;
-  if (fresh) conn = connect_to(cfg_.master_address, 5000);
+  if (fresh) conn = connect_upstream(cfg_.master_address, 5000, cfg_.security, node_.identity().cluster_id);
   {
     std::lock_guard lk(conn_mu_);
     conn_ = conn.get();
@@ -194,7 +196,14 @@ void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
 // what a slave may send it); after the welcome, the full limit.
 std::unique_ptr<Frame> Follower::receive_welcome(Connection& conn) {
   conn.set_max_frame_bytes(kMaxHelloFrameBytes);
-  auto frame = conn.receive(30000);
+  std::unique_ptr<Frame> frame;
+  try {
+    frame = conn.receive(30000);
+  } catch (const Error& e) {
+    // A master that requires TLS resets a connection whose first bytes are not TLS.
+    if (e.errno_value() != ECONNRESET || cfg_.security.tls) throw;
+    throw Error(std::string(e.what()) + " (does the master require TLS: --tls-*?)", e.errno_value());
+  }
   conn.set_max_frame_bytes(kMaxFrameBytes);
   return frame;
 }
@@ -205,7 +214,9 @@ void Follower::handshake(Connection& conn) {
   send_hello(conn, wire::Purpose::ATTACH, false);
   const bool empty = me.cluster_id.empty() || data_dir_is_empty(node_.root_fd());
   auto frame = receive_welcome(conn);
-  if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the handshake");
+  if (!frame)
+    throw Error("master " + cfg_.master_address + " closed the connection during the handshake" +
+                (cfg_.security.secret ? "" : " (does it require --secret-file?)"));
   auto msg = frame->root();
   if (msg.which() == wire::Message::ERROR) {
     auto err = msg.getError();
@@ -225,6 +236,9 @@ void Follower::handshake(Connection& conn) {
     throw FatalAttachError("block size mismatch: master uses " + std::to_string(w.getBlockSize()) + ", this replica " +
                            std::to_string(me.block_size));
   const std::string cluster = w.getClusterId();
+  if (conn.authenticated() && cluster != conn.authenticated_cluster())
+    throw FatalAttachError("master " + cfg_.master_address + " authenticated for cluster " + conn.authenticated_cluster() +
+                           " and welcomes us to cluster " + cluster, EPROTO);
   if (!me.cluster_id.empty() && cluster != me.cluster_id && !empty)
     throw FatalAttachError("cluster id mismatch: master belongs to cluster " + cluster + ", this replica to " + me.cluster_id);
   std::vector<LineageEntry> lineage;
@@ -236,6 +250,8 @@ void Follower::handshake(Connection& conn) {
     std::lock_guard lk(status_mu_);
     status_.state = "attaching";
     status_.current_attach = AttachReport{};
+    status_.authenticated = conn.authenticated();
+    status_.encrypted = conn.encrypted();
   }
   const Lsn start = w.getStartLsn();
   master_ack_ = static_cast<AckLevel>(static_cast<int>(w.getAckLevel()));
@@ -549,7 +565,7 @@ void Follower::finish_stage() {
 DiffReport Follower::verify(bool deep) {
   HashIndex* hashes = node_.store().hashes();
   if (!hashes) throw Error("this node keeps no hash trees");
-  auto conn = connect_to(cfg_.master_address, 5000);
+  auto conn = connect_upstream(cfg_.master_address, 5000, cfg_.security, node_.identity().cluster_id);
   send_hello(*conn, wire::Purpose::VERIFY, deep);
   auto frame = receive_welcome(*conn);
   if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");

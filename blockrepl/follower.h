@@ -17,6 +17,7 @@
 #include "blockrepl/node.h"
 #include "blockrepl/replica_state.h"
 #include "blockrepl/space_reserve.h"
+#include "blockrepl/handshake.h"
 #include "blockrepl/wire.h"
 
 namespace blockrepl {
@@ -32,6 +33,7 @@ struct FollowerConfig {
   // update leaves the previous state, never a prefix of the missed records).
   bool stage_stream = false;
   std::chrono::milliseconds master_timeout{5000};  // silence after which the master is presumed gone
+  PeerSecurity security;  // the secret and TLS this node uses with its master (either may be off)
 };
 
 struct AttachReport {
@@ -48,13 +50,9 @@ struct FollowerStatus {
   AttachReport current_attach;  // while state == "attaching"
   std::string last_error;
   std::string waiting_for;  // while disconnected: what the next attempt needs ("" if only time)
+  bool authenticated = false, encrypted = false;  // of the current (or last) connection
 };
 
-// A refusal the operator must act on (cluster or block-size mismatch, protocol version, ...).
-class FatalAttachError : public Error {
- public:
-  using Error::Error;
-};
 
 class Follower {
  public:

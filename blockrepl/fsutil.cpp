@@ -3,13 +3,16 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 
+#include "blockrepl/error.h"
 #include "blockrepl/metadata.h"
 
 namespace blockrepl {
@@ -178,6 +181,40 @@ int open_beneath_by_components(int dirfd, const char* path, int flags, mode_t mo
   cur.reset();
   errno = err;
   return fd;
+}
+
+void check_private_file(const std::string& path, const char* what) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw_errno(std::string(what) + " file " + path, errno);
+  if (!S_ISREG(st.st_mode)) throw Error(std::string(what) + " file " + path + " is not a regular file", EINVAL);
+  if (st.st_uid != 0 && st.st_uid != geteuid())
+    throw Error(std::string(what) + " file " + path + " belongs to uid " + std::to_string(st.st_uid) +
+                    ": it must belong to root or to the daemon's user",
+                EPERM);
+  if (st.st_mode & 077) {
+    char mode[8];
+    snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    throw Error(std::string(what) + " file " + path + " is accessible to others (mode " + mode + "): chmod 600 " + path, EPERM);
+  }
+}
+
+std::string read_private_file(const std::string& path, const char* what, size_t max_bytes) {
+  check_private_file(path, what);
+  OwnedFd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) throw_errno(std::string(what) + " file " + path, errno);
+  std::string out(max_bytes + 1, '\0');
+  size_t got = 0;
+  for (;;) {
+    const ssize_t r = read(fd.get(), out.data() + got, out.size() - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw_errno(std::string(what) + " file " + path, errno);
+    if (r == 0) break;
+    got += static_cast<size_t>(r);
+    if (got > max_bytes)
+      throw Error(std::string(what) + " file " + path + " is larger than " + std::to_string(max_bytes) + " bytes", EINVAL);
+  }
+  out.resize(got);
+  return out;
 }
 
 }  // namespace blockrepl

@@ -107,4 +107,13 @@ int open_beneath(int dirfd, const char* path, int flags, mode_t mode = 0);
 // with ELOOP, or ENOTDIR where a directory was needed. Holds one descriptor at a time.
 int open_beneath_by_components(int dirfd, const char* path, int flags, mode_t mode = 0);
 
+// ---------------------------------------------------------------------------------------------
+// Private files (a secret, a TLS key)
+
+// ssh's rule for keys: a regular file that no one but its owner (root or the daemon's user) may
+// read or write. Throws Error with one line naming the file and what to do ("chmod 600 FILE").
+void check_private_file(const std::string& path, const char* what);
+// The file's contents after check_private_file, at most max_bytes. Throws Error.
+std::string read_private_file(const std::string& path, const char* what, size_t max_bytes);
+
 }  // namespace blockrepl

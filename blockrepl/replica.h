@@ -42,6 +42,7 @@ struct ReplicaConfig {
   bool exit_on_disconnect = false;        // slave: give up when the master is lost
   bool discard_my_data = false;           // slave: a diverged volume may be rewritten
   size_t fd_budget = FileRegistry::kDefaultBudget;  // descriptors the file registry keeps open
+  PeerSecurity security;  // secret and TLS, for the master it follows and the slaves it serves
 };
 
 struct ReplicaStatus {

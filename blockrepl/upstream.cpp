@@ -12,6 +12,7 @@
 
 #include "blockrepl/attach.h"
 #include "blockrepl/copy.h"
+#include "blockrepl/handshake.h"
 #include "blockrepl/hash_index.h"
 #include "blockrepl/merkle.h"
 #include "blockrepl/error.h"
@@ -20,9 +21,7 @@
 namespace blockrepl {
 
 struct Upstream::PendingPeer {
-  OwnedFd fd;
-  std::string peer;
-  FrameAssembler frame{kMaxHelloFrameBytes};
+  std::unique_ptr<HandshakeResponder> handshake;
   std::chrono::steady_clock::time_point deadline;
 };
 
@@ -207,7 +206,7 @@ void Upstream::accept_loop() {
     fds.push_back({wake_fd_.get(), POLLIN, 0});
     const bool listener_rests = std::chrono::steady_clock::now() < listener_rests_until;
     fds.push_back({listener_rests ? -1 : listen_fd_, POLLIN, 0});
-    for (auto& p : pending) fds.push_back({p->fd.get(), POLLIN, 0});
+    for (auto& p : pending) fds.push_back({p->handshake->fd(), p->handshake->poll_events(), 0});
     int r = poll(fds.data(), fds.size(), poll_timeout_ms(pending));
     if (r < 0 && errno != EINTR) {
       LOG_ERROR("upstream on %s: poll failed: %s; no more slaves are accepted", cfg_.listen_address.c_str(), strerror(errno));
@@ -238,8 +237,12 @@ bool Upstream::accept_pending(PendingPeers& pending) {
       return false;
     }
     auto p = std::make_unique<PendingPeer>();
-    p->fd.reset(fd);
-    p->peer = peer_name_of(fd);
+    try {
+      p->handshake = std::make_unique<HandshakeResponder>(OwnedFd(fd), peer_name_of(fd), cfg_.security, node_.identity().cluster_id);
+    } catch (const std::exception& e) {
+      over_cap_log.warn("upstream on " + cfg_.listen_address + ": " + e.what());
+      continue;
+    }
     p->deadline = std::chrono::steady_clock::now() + cfg_.handshake_deadline;
     if (pending.size() >= cfg_.max_pending_handshakes) make_room(pending);
     pending.push_back(std::move(p));
@@ -252,29 +255,20 @@ bool Upstream::accept_pending(PendingPeers& pending) {
 void Upstream::make_room(PendingPeers& pending) {
   auto& oldest = pending.front();
   if (!advance_handshake(oldest))
-    over_cap_log.warn("closed connection from " + oldest->peer + ": " + std::to_string(pending.size()) +
+    over_cap_log.warn("closed connection from " + oldest->handshake->peer() + ": " + std::to_string(pending.size()) +
                       " connections wait for their handshake, it waited longest");
   pending.erase(pending.begin());
 }
 
 bool Upstream::advance_handshake(std::unique_ptr<PendingPeer>& p) {
   try {
-    // Everything the peer sent so far (at most one small frame): a hello in two reads is
-    // through in one wake-up.
-    for (;;) {
-      const uint64_t before = p->frame.bytes_received();
-      const auto status = p->frame.read_some(p->fd.get(), p->peer);
-      if (status == FrameAssembler::Status::closed)
-        throw Error("connection from " + p->peer + " closed before a hello", ECONNRESET);
-      if (status == FrameAssembler::Status::complete) break;
-      if (p->frame.bytes_received() == before) return false;  // nothing more for now
-    }
-    auto frame = p->frame.take(p->peer);
-    auto msg = frame->root();
-    if (msg.which() != wire::Message::HELLO)
-      throw Error("connection from " + p->peer + " spoke first with something other than hello", EPROTO);
-    check_hello_sizes(msg.getHello(), p->peer);
+    auto frame = p->handshake->advance();
+    if (!frame) return false;  // nothing more for now
+    check_hello_sizes(frame->root().getHello(), p->handshake->peer());
     start_session(std::move(p), std::move(frame));
+  } catch (const Error& e) {
+    // A refusal names the peer already ("refused PEER: ..."); anything else is a broken handshake.
+    handshake_failure_log.warn(e.errno_value() == EACCES ? e.what() : std::string("refused before its hello was accepted: ") + e.what());
   } catch (const std::exception& e) {
     handshake_failure_log.warn(std::string("refused before its hello was accepted: ") + e.what());
   }
@@ -285,7 +279,7 @@ void Upstream::close_expired(PendingPeers& pending) {
   const auto now = std::chrono::steady_clock::now();
   std::erase_if(pending, [&](const std::unique_ptr<PendingPeer>& p) {
     if (p->deadline > now) return false;
-    handshake_failure_log.warn("closed connection from " + p->peer + ": no hello within " +
+    handshake_failure_log.warn("closed connection from " + p->handshake->peer() + ": its handshake was not through within " +
                                std::to_string(cfg_.handshake_deadline.count() / 1000.0).substr(0, 4) + " s");
     return true;
   });
@@ -294,11 +288,9 @@ void Upstream::close_expired(PendingPeers& pending) {
 void Upstream::start_session(std::unique_ptr<PendingPeer> p, std::unique_ptr<Frame> hello) {
   // The session's thread blocks on its socket; sends time out so that a slave that stops
   // reading cannot block us forever.
-  fcntl(p->fd.get(), F_SETFL, fcntl(p->fd.get(), F_GETFL) & ~O_NONBLOCK);
-  timeval tv{static_cast<time_t>(cfg_.ack_timeout.count() / 1000), static_cast<suseconds_t>((cfg_.ack_timeout.count() % 1000) * 1000)};
-  setsockopt(p->fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   auto s = std::make_shared<Session>();
-  s->conn = std::make_unique<Connection>(p->fd.release(), p->peer);
+  s->conn = p->handshake->take_connection();
+  s->conn->start_session(cfg_.ack_timeout);
   std::lock_guard lk(mu_);  // held while s->thread is assigned: retire() takes it first
   sessions_.push_back(s);
   s->thread = std::thread([this, s, h = std::move(hello)]() mutable { serve(s, std::move(h)); });
@@ -566,6 +558,8 @@ std::vector<SlaveStatus> Upstream::slaves() {
     st.received_lsn = s->received;
     st.durable_lsn = s->durable;
     st.lag_bytes = s->durable.load() < last ? journal_.bytes_after(s->durable) : 0;
+    st.authenticated = s->conn->authenticated();
+    st.encrypted = s->conn->encrypted();
     out.push_back(st);
   }
   return out;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "blockrepl/fsutil.h"
+#include "blockrepl/handshake.h"
 #include "blockrepl/journal.h"
 #include "blockrepl/node.h"
 #include "blockrepl/wire.h"
@@ -23,8 +24,9 @@ namespace blockrepl {
 
 inline constexpr auto kHeartbeatInterval = std::chrono::milliseconds(1000);
 
-// A connection is "pending" from accept until its hello is accepted: it may send one frame of at
-// most kMaxHelloFrameBytes, within the handshake deadline, and costs no thread meanwhile. At most
+// A connection is "pending" from accept until its hello is accepted (after TLS and the
+// authentication, when they are on: handshake.h): its frames are at most kMaxHelloFrameBytes,
+// all of it is through within the handshake deadline, and it costs no thread meanwhile. At most
 // kMaxPendingHandshakes wait; a newcomer beyond them closes the one that waited longest.
 inline constexpr auto kHandshakeDeadline = std::chrono::seconds(10);
 inline constexpr size_t kMaxPendingHandshakes = 64;
@@ -37,12 +39,15 @@ struct UpstreamConfig {
   bool assign_ids = true;  // a master tags files that have no id yet during a full copy
   std::chrono::milliseconds handshake_deadline = kHandshakeDeadline;
   size_t max_pending_handshakes = kMaxPendingHandshakes;
+  PeerSecurity security;  // the secret slaves must prove, the TLS they must speak (either may be off)
 };
 
 struct SlaveStatus {
   std::string address, node_id, state, ack;
   Lsn received_lsn = 0, durable_lsn = 0;
   uint64_t lag_bytes = 0;
+  bool authenticated = false;  // it proved the cluster's secret
+  bool encrypted = false;      // TLS
 };
 
 class Upstream {

@@ -37,20 +37,29 @@ const char* ack_level_name(AckLevel level) {
   return "?";
 }
 
-Connection::Connection(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {
+namespace {
+
+void tune_socket(int fd) {
   int one = 1;
-  setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   // Batches are up to a few MiB: larger buffers mean fewer wake-ups on both sides.
   int buf = 8 << 20;
-  setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
-  setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
 }
 
-Connection::~Connection() {
-  if (fd_ >= 0) close(fd_);
+}  // namespace
+
+Connection::Connection(int fd, std::string peer) : Connection(std::make_unique<PlainTransport>(OwnedFd(fd)), std::move(peer)) {}
+
+Connection::Connection(std::unique_ptr<Transport> transport, std::string peer)
+    : transport_(std::move(transport)), peer_(std::move(peer)) {
+  tune_socket(transport_->fd());
 }
 
-void Connection::shutdown() { ::shutdown(fd_, SHUT_RDWR); }
+Connection::~Connection() = default;
+
+void Connection::shutdown() { transport_->shutdown(); }
 
 void Connection::send(capnp::MessageBuilder& msg) {
   // The frame is the message's flat-array form (segment table, then segments), written straight
@@ -73,25 +82,8 @@ void Connection::send(capnp::MessageBuilder& msg) {
   for (auto& seg : segments)
     iov.push_back({const_cast<capnp::word*>(seg.begin()), seg.size() * sizeof(capnp::word)});
   std::lock_guard lk(send_mu_);
-  size_t total = sizeof len + n, done = 0, first = 0;
-  while (done < total) {
-    ssize_t w = writev(fd_, iov.data() + first, static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX)));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) throw Error("send to " + peer_ + " timed out (peer not reading)", ETIMEDOUT);
-      throw_errno("send to " + peer_, errno);
-    }
-    done += static_cast<size_t>(w);
-    size_t k = static_cast<size_t>(w);
-    while (k > 0 && first < iov.size()) {
-      size_t take = std::min(k, iov[first].iov_len);
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + take;
-      iov[first].iov_len -= take;
-      k -= take;
-      if (iov[first].iov_len == 0) first++;
-    }
-  }
-  bytes_sent_ += total;
+  transport_->write_all(iov.data(), iov.size(), peer_);
+  bytes_sent_ += sizeof len + n;
 }
 
 void check_field_size(size_t size, size_t limit, const char* field, const std::string& peer, const char* what) {
@@ -127,12 +119,10 @@ void FrameAssembler::accept_length(const std::string& peer) {
 // to what already waits in the socket. Memory follows the bytes that arrived, so a peer that
 // announces 64 MiB and sends little costs little, and a large frame that has arrived is not
 // copied from buffer to buffer.
-void FrameAssembler::grow_for_next_read(int fd) {
+void FrameAssembler::grow_for_next_read(size_t waiting) {
   const size_t have = buffer_.size() * sizeof(capnp::word);
   if (got_ < have) return;
-  int waiting = 0;
-  if (ioctl(fd, FIONREAD, &waiting) != 0 || waiting < 0) waiting = 0;
-  const size_t arrived = got_ + static_cast<size_t>(waiting);
+  const size_t arrived = got_ + waiting;
   size_t want = std::min(length_, std::max({kFrameChunkBytes, 2 * have, arrived}));
   want = (want + sizeof(capnp::word) - 1) / sizeof(capnp::word) * sizeof(capnp::word);
   auto bigger = kj::heapArray<capnp::word>(want / sizeof(capnp::word));
@@ -140,18 +130,20 @@ void FrameAssembler::grow_for_next_read(int fd) {
   buffer_ = kj::mv(bigger);
 }
 
-FrameAssembler::Status FrameAssembler::read_some(int fd, const std::string& peer) {
+// read(into, want) -> bytes, 0 at a close, -1 with errno; readable() -> bytes waiting.
+template <class Read, class Readable>
+FrameAssembler::Status FrameAssembler::read_with(Read read, Readable readable, const std::string& peer) {
   void* into;
   size_t want;
   if (!have_length()) {
     into = prefix_ + prefix_got_;
     want = sizeof prefix_ - prefix_got_;
   } else {
-    grow_for_next_read(fd);
+    if (got_ == buffer_.size() * sizeof(capnp::word)) grow_for_next_read(readable());
     into = reinterpret_cast<char*>(buffer_.begin()) + got_;
     want = buffer_.size() * sizeof(capnp::word) - got_;
   }
-  ssize_t r = read(fd, into, want);
+  ssize_t r = read(into, want);
   if (r < 0) {
     if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) return Status::incomplete;
     throw_errno("receive from " + peer, errno);
@@ -170,6 +162,21 @@ FrameAssembler::Status FrameAssembler::read_some(int fd, const std::string& peer
   return got_ == length_ ? Status::complete : Status::incomplete;
 }
 
+FrameAssembler::Status FrameAssembler::read_some(Transport& from, const std::string& peer) {
+  return read_with([&](void* into, size_t n) { return from.read_some(into, n, peer); }, [&] { return from.readable_bytes(); },
+                   peer);
+}
+
+FrameAssembler::Status FrameAssembler::read_some(int fd, const std::string& peer) {
+  return read_with([&](void* into, size_t n) { return ::read(fd, into, n); },
+                   [&] {
+                     int waiting = 0;
+                     if (ioctl(fd, FIONREAD, &waiting) != 0 || waiting < 0) waiting = 0;
+                     return static_cast<size_t>(waiting);
+                   },
+                   peer);
+}
+
 std::unique_ptr<Frame> FrameAssembler::take(const std::string& peer) {
   // The last growth step sized the buffer to the announced length exactly.
   auto words = kj::mv(buffer_);
@@ -180,8 +187,8 @@ std::unique_ptr<Frame> FrameAssembler::take(const std::string& peer) {
 
 void Connection::wait_readable(int timeout_ms) {
   for (;;) {
-    pollfd pfd{fd_, POLLIN, 0};
-    int r = poll(&pfd, 1, timeout_ms);
+    pollfd pfd{transport_->fd(), POLLIN, 0};
+    int r = poll(&pfd, 1, timeout_ms > 0 ? timeout_ms : -1);
     if (r < 0 && errno == EINTR) continue;
     if (r == 0) throw Error("no message from " + peer_ + " for " + std::to_string(timeout_ms / 1000.0).substr(0, 4) + " s", ETIMEDOUT);
     return;
@@ -189,12 +196,29 @@ void Connection::wait_readable(int timeout_ms) {
 }
 
 std::unique_ptr<Frame> Connection::receive(int timeout_ms) {
+  // A blocking socket without a timeout waits in read(); otherwise poll first (TLS keeps
+  // decrypted bytes that the socket no longer shows: those are read without waiting).
+  const bool poll_first = timeout_ms > 0 || transport_->nonblocking();
   for (;;) {
-    if (timeout_ms > 0) wait_readable(timeout_ms);
-    switch (reader_.read_some(fd_, peer_)) {
+    if (poll_first && !transport_->buffered()) wait_readable(timeout_ms);
+    switch (reader_.read_some(*transport_, peer_)) {
       case FrameAssembler::Status::closed: return nullptr;
       case FrameAssembler::Status::complete: return reader_.take(peer_);
       case FrameAssembler::Status::incomplete: break;
+    }
+  }
+}
+
+std::unique_ptr<Frame> Connection::poll_receive() {
+  for (;;) {
+    const uint64_t before = reader_.bytes_received();
+    switch (reader_.read_some(*transport_, peer_)) {
+      case FrameAssembler::Status::closed:
+        throw Error("connection from " + peer_ + " closed during the handshake", ECONNRESET);
+      case FrameAssembler::Status::complete: return reader_.take(peer_);
+      case FrameAssembler::Status::incomplete:
+        if (reader_.bytes_received() == before) return nullptr;  // nothing more for now
+        break;
     }
   }
 }
@@ -226,8 +250,6 @@ void Connection::send_error(const std::string& reason, bool fatal) {
   shutdown();
 }
 
-namespace {
-
 bool split_address(const std::string& address, std::string* host, std::string* port) {
   auto colon = address.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) return false;
@@ -236,8 +258,33 @@ bool split_address(const std::string& address, std::string* host, std::string* p
   if (host->size() > 2 && host->front() == '[' && host->back() == ']') *host = host->substr(1, host->size() - 2);
   for (char c : *port)
     if (c < '0' || c > '9') return false;
-  return std::stoul(*port) <= 65535;
+  return port->size() <= 5 && std::stoul(*port) <= 65535;
 }
+
+bool is_loopback_address(const std::string& address) {
+  std::string host, port;
+  if (!split_address(address, &host, &port)) return false;
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0) return false;
+  bool all_loopback = res != nullptr;
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    if (ai->ai_family == AF_INET) {
+      const auto* sin = reinterpret_cast<const sockaddr_in*>(ai->ai_addr);
+      all_loopback &= (ntohl(sin->sin_addr.s_addr) >> 24) == 127;
+    } else if (ai->ai_family == AF_INET6) {
+      const auto* sin6 = reinterpret_cast<const sockaddr_in6*>(ai->ai_addr);
+      all_loopback &= IN6_IS_ADDR_LOOPBACK(&sin6->sin6_addr) != 0;
+    } else {
+      all_loopback = false;
+    }
+  }
+  freeaddrinfo(res);
+  return all_loopback;
+}
+
+namespace {
 
 std::string peer_name(const sockaddr* sa) {
   char host[NI_MAXHOST], port[NI_MAXSERV];
@@ -249,7 +296,7 @@ std::string peer_name(const sockaddr* sa) {
 
 }  // namespace
 
-std::unique_ptr<Connection> connect_to(const std::string& address, int timeout_ms) {
+OwnedFd connect_socket(const std::string& address, int timeout_ms) {
   std::string host, port;
   if (!split_address(address, &host, &port)) throw Error("bad address " + address + " (expected HOST:PORT)", EINVAL);
   addrinfo hints{};
@@ -279,10 +326,14 @@ std::unique_ptr<Connection> connect_to(const std::string& address, int timeout_m
     }
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     freeaddrinfo(res);
-    return std::make_unique<Connection>(fd, address);
+    return OwnedFd(fd);
   }
   freeaddrinfo(res);
   throw Error("cannot connect to " + address + ": " + strerror(last_err), last_err);
+}
+
+std::unique_ptr<Connection> connect_to(const std::string& address, int timeout_ms) {
+  return std::make_unique<Connection>(connect_socket(address, timeout_ms).release(), address);
 }
 
 int listen_on(const std::string& address) {

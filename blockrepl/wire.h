@@ -12,6 +12,7 @@
 
 #include "blockrepl.capnp.h"
 #include "blockrepl/record.h"
+#include "blockrepl/transport.h"
 
 namespace blockrepl {
 
@@ -79,6 +80,8 @@ class FrameAssembler {
   // One read(2) of what the current frame still lacks. `closed`: an orderly close before a frame
   // began; `incomplete`: more bytes are needed (or EAGAIN on a non-blocking socket). Throws Error
   // naming the peer for a length over the limit, a close inside a frame, or a failed read.
+  Status read_some(Transport& from, const std::string& peer);
+  // The same on a plain socket.
   Status read_some(int fd, const std::string& peer);
   // The complete frame, validated; the reader is then ready for the next one.
   std::unique_ptr<Frame> take(const std::string& peer);
@@ -92,7 +95,10 @@ class FrameAssembler {
  private:
   bool have_length() const { return prefix_got_ == sizeof prefix_; }
   void accept_length(const std::string& peer);
-  void grow_for_next_read(int fd);
+  // `waiting`: bytes a read would return now.
+  void grow_for_next_read(size_t waiting);
+  template <class Read, class Readable>
+  Status read_with(Read read, Readable readable, const std::string& peer);
 
   size_t max_frame_bytes_;
   unsigned char prefix_[4] = {};
@@ -103,9 +109,12 @@ class FrameAssembler {
   uint64_t bytes_received_ = 0;
 };
 
+// Frames over a Transport (a socket, or TLS over one), plus what the handshake established about
+// the peer.
 class Connection {
  public:
-  Connection(int fd, std::string peer);  // takes ownership of fd
+  Connection(int fd, std::string peer);  // a plain socket; takes ownership of fd
+  Connection(std::unique_ptr<Transport> transport, std::string peer);
   ~Connection();
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -115,6 +124,12 @@ class Connection {
   // Receives the next message. Returns nullptr on an orderly close by the peer; throws Error on
   // a timeout (timeout_ms > 0), a broken connection or a malformed or oversized frame.
   std::unique_ptr<Frame> receive(int timeout_ms = 0);
+  // During a handshake, on a non-blocking transport: the next message if all of it has arrived,
+  // nullptr if not yet. Throws Error when the peer closed or sent something malformed.
+  std::unique_ptr<Frame> poll_receive();
+  // The handshake is over: reads may block, a peer that stops reading gets send_timeout
+  // (0: no limit).
+  void start_session(std::chrono::milliseconds send_timeout) { transport_->start_session(send_timeout); }
   // Wakes up a blocked receive()/send() from another thread; the connection is unusable after.
   void shutdown();
   // Sends an error message with a reason, best effort, then shuts down.
@@ -125,19 +140,38 @@ class Connection {
   const std::string& peer() const { return peer_; }
   uint64_t bytes_sent() const { return bytes_sent_; }
   uint64_t bytes_received() const { return reader_.bytes_received(); }
-  int fd() const { return fd_; }
+  int fd() const { return transport_->fd(); }
+  Transport& transport() { return *transport_; }
+  bool encrypted() const { return transport_->encrypted(); }
+  // Set by the handshake once the peer proved that it holds the cluster's secret (auth.h); for
+  // a downstream node, the upstream's proven cluster id.
+  bool authenticated() const { return authenticated_; }
+  const std::string& authenticated_cluster() const { return authenticated_cluster_; }
+  void set_authenticated(std::string cluster) {
+    authenticated_ = true;
+    authenticated_cluster_ = std::move(cluster);
+  }
 
  private:
   void wait_readable(int timeout_ms);
-  int fd_;
+  std::unique_ptr<Transport> transport_;
   std::string peer_;
   std::mutex send_mu_;
   uint64_t bytes_sent_ = 0;
   FrameAssembler reader_;
+  bool authenticated_ = false;
+  std::string authenticated_cluster_;
 };
 
-// "host:port" -> connected socket; throws Error naming the address on failure.
+// "host:port" -> connected TCP socket; throws Error naming the address on failure.
+OwnedFd connect_socket(const std::string& address, int timeout_ms);
+// The same as a plain Connection (handshake.h adds TLS and authentication).
 std::unique_ptr<Connection> connect_to(const std::string& address, int timeout_ms);
+// "host:port" or "[v6]:port" -> host and port; false if malformed.
+bool split_address(const std::string& address, std::string* host, std::string* port);
+// Whether every address the host resolves to is a loopback one (127/8, ::1): only local
+// processes can reach a listener there.
+bool is_loopback_address(const std::string& address);
 // "addr:port" -> listening socket fd; throws Error ("address in use", ...) naming the address.
 int listen_on(const std::string& address);
 // Accepts one connection (blocking); nullptr when the listener was shut down.

@@ -30,7 +30,8 @@ json status_json(Replica& replica, const std::string& mountpoint) {
   j["lsn"] = st.lsn;
   if (st.upstream) {
     const FollowerStatus& fs = *st.upstream;
-    json up = {{"address", fs.address}, {"state", fs.state}, {"received_lsn", fs.received_lsn}, {"durable_lsn", fs.durable_lsn}};
+    json up = {{"address", fs.address}, {"state", fs.state}, {"received_lsn", fs.received_lsn}, {"durable_lsn", fs.durable_lsn},
+               {"authenticated", fs.authenticated}, {"encrypted", fs.encrypted}};
     if (!fs.last_error.empty() && fs.state == "disconnected") up["last_error"] = fs.last_error;
     if (!fs.waiting_for.empty()) up["waiting_for"] = fs.waiting_for;
     if (fs.state == "attaching")
@@ -46,7 +47,8 @@ json status_json(Replica& replica, const std::string& mountpoint) {
   json slaves = json::array();
   for (auto& s : st.slaves)
     slaves.push_back({{"address", s.address}, {"node_id", s.node_id}, {"state", s.state}, {"ack", s.ack},
-                      {"received_lsn", s.received_lsn}, {"durable_lsn", s.durable_lsn}, {"lag_bytes", s.lag_bytes}});
+                      {"received_lsn", s.received_lsn}, {"durable_lsn", s.durable_lsn}, {"lag_bytes", s.lag_bytes},
+                      {"authenticated", s.authenticated}, {"encrypted", s.encrypted}});
   j["slaves"] = slaves;
   return j;
 }

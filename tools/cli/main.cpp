@@ -54,6 +54,8 @@ int main(int argc, char** argv) {
                       "slave: its data directory may be replaced: a diverged node (a former master) rejoins and is "
                       "rewritten to its master's state, a directory holding other files is emptied for the first copy");
 
+  add_security_options(mount_cmd, mount.security, true);
+
   std::string umount_point;
   bool lazy = false;
   auto* umount_cmd = app.add_subcommand("umount", "unmount MOUNTPOINT and wait for its daemon to finish");
@@ -77,6 +79,8 @@ int main(int argc, char** argv) {
   bool pull_discard = false;
   pull_cmd->add_flag("--discard-my-data", pull_discard,
                      "DIR may be replaced: files that are not a blockrepl volume, or a diverged volume (a former master)");
+  SecurityOptions pull_security;
+  add_security_options(pull_cmd, pull_security, false);
 
   std::string promote_point;
   auto* promote_cmd = app.add_subcommand("promote", "turn the slave behind MOUNTPOINT into a master (failover)");
@@ -84,7 +88,8 @@ int main(int argc, char** argv) {
 
   std::string verify_point;
   bool verify_deep = false;
-  auto* verify_cmd = app.add_subcommand("verify", "slave: compare its hash trees with its master's; exit 0 iff identical");
+  auto* verify_cmd = app.add_subcommand(
+      "verify", "slave: compare its hash trees with its master's (with the daemon's secret and TLS); exit 0 iff identical");
   verify_cmd->add_option("mountpoint", verify_point, "the slave's mount point")->required();
   verify_cmd->add_flag("--deep", verify_deep, "rehash the data on both sides first (finds bit rot)");
 
@@ -124,6 +129,6 @@ int main(int argc, char** argv) {
   if (*status_cmd) return run_status(status_point, status_json);
   if (*verify_cmd) return run_verify(verify_point, verify_deep);
   if (*promote_cmd) return run_promote(promote_point);
-  if (*pull_cmd) return run_pull(pull_address, pull_dir, pull_quiet ? -1 : pull_verbose, pull_discard);
+  if (*pull_cmd) return run_pull(pull_address, pull_dir, pull_quiet ? -1 : pull_verbose, pull_discard, pull_security);
   return 2;
 }

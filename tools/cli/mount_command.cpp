@@ -103,6 +103,12 @@ class AttachProgress {
   std::thread thread_;
 };
 
+// ", authenticated, encrypted" / ", not authenticated, not encrypted" for a peer's status line.
+std::string security_words(const nlohmann::json& peer) {
+  return std::string(peer.value("authenticated", false) ? ", authenticated" : ", not authenticated") +
+         (peer.value("encrypted", false) ? ", encrypted" : ", not encrypted");
+}
+
 }  // namespace
 
 int run_mount(const MountOptions& opts) {
@@ -118,6 +124,21 @@ int run_mount(const MountOptions& opts) {
   if (slave && given.min_sync_slaves && given.listen_address.empty()) {
     fprintf(stderr, "blockrepl: --min-sync-slaves needs --listen\n");
     return 2;
+  }
+  // A listener others can reach serves the volume to whoever connects unless peers must prove
+  // the secret.
+  if (!given.listen_address.empty() && !opts.security.secret_file.size() && !opts.security.insecure &&
+      !is_loopback_address(given.listen_address)) {
+    fprintf(stderr,
+            "blockrepl: --listen %s is reachable from other hosts and no --secret-file is given: anyone who connects could "
+            "copy the volume or pose as a slave; give a --secret-file (and --tls-*), or --insecure to accept that\n",
+            given.listen_address.c_str());
+    return 2;
+  }
+  ReplicaConfig replica_cfg = given;
+  if (auto err = load_peer_security(opts.security, &replica_cfg.security)) {
+    fprintf(stderr, "blockrepl: %s\n", err->c_str());
+    return 1;
   }
   MountPaths paths;
   if (auto err = check_mount_paths(opts.data, opts.mountpoint, &paths)) {
@@ -158,7 +179,7 @@ int run_mount(const MountOptions& opts) {
   // the heap for reuse instead of an mmap + page faults + zeroing for every one.
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 256 << 20);
-  ReplicaConfig rcfg = given;
+  ReplicaConfig rcfg = replica_cfg;
   rcfg.data_path = data_abs;
   int lock_fd = -1;
   std::unique_ptr<Replica> replica;
@@ -357,9 +378,9 @@ int run_status(const std::string& mountpoint, bool json) {
   printf("%-12s %u\n", "block size", j["block_size"].get<unsigned>());
   if (!j["upstream"].is_null()) {
     auto& u = j["upstream"];
-    printf("%-12s %s %s received %llu durable %llu\n", "upstream", u["address"].get<std::string>().c_str(),
+    printf("%-12s %s %s received %llu durable %llu%s\n", "upstream", u["address"].get<std::string>().c_str(),
            u["state"].get<std::string>().c_str(), static_cast<unsigned long long>(u["received_lsn"].get<uint64_t>()),
-           static_cast<unsigned long long>(u["durable_lsn"].get<uint64_t>()));
+           static_cast<unsigned long long>(u["durable_lsn"].get<uint64_t>()), security_words(u).c_str());
   }
   if (!j["last_attach"].is_null()) {
     auto& a = j["last_attach"];
@@ -368,11 +389,11 @@ int run_status(const std::string& mountpoint, bool json) {
            static_cast<unsigned long long>(a["blocks_received"].get<uint64_t>()), a["seconds"].get<double>());
   }
   for (auto& s : j["slaves"])
-    printf("%-12s %s %s (%s) received %llu durable %llu lag %llu bytes\n", "slave", s["address"].get<std::string>().c_str(),
+    printf("%-12s %s %s (%s) received %llu durable %llu lag %llu bytes%s\n", "slave", s["address"].get<std::string>().c_str(),
            s["state"].get<std::string>().c_str(), s["ack"].get<std::string>().c_str(),
            static_cast<unsigned long long>(s["received_lsn"].get<uint64_t>()),
            static_cast<unsigned long long>(s["durable_lsn"].get<uint64_t>()),
-           static_cast<unsigned long long>(s["lag_bytes"].get<uint64_t>()));
+           static_cast<unsigned long long>(s["lag_bytes"].get<uint64_t>()), security_words(s).c_str());
   if (j["slaves"].empty() && j["role"] == "master") printf("%-12s none\n", "slaves");
   return 0;
 }

@@ -23,8 +23,14 @@
 
 namespace blockrepl::cli {
 
-int run_pull(const std::string& address, const std::string& dir, int verbosity, bool discard_my_data) {
+int run_pull(const std::string& address, const std::string& dir, int verbosity, bool discard_my_data,
+             const SecurityOptions& security) {
   set_log_level(verbosity > 1 ? LogLevel::debug : verbosity == 1 ? LogLevel::info : verbosity < 0 ? LogLevel::error : LogLevel::warn);
+  PeerSecurity peer_security;
+  if (auto err = load_peer_security(security, &peer_security)) {
+    fprintf(stderr, "blockrepl: pull: %s\n", err->c_str());
+    return 1;
+  }
   char buf[PATH_MAX];
   if (!realpath(dir.c_str(), buf)) {
     fprintf(stderr, "blockrepl: pull: directory %s: %s\n", dir.c_str(), strerror(errno));
@@ -73,6 +79,7 @@ int run_pull(const std::string& address, const std::string& dir, int verbosity, 
     fc.ack = AckLevel::async;  // a pull never holds up the master's barriers
     fc.stage_stream = true;
     fc.discard_my_data = discard_my_data;
+    fc.security = peer_security;
     fc.master_timeout = std::chrono::milliseconds(30000);
     {
       Follower follower(node, fc);
