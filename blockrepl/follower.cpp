@@ -202,7 +202,7 @@ std::unique_ptr<Frame> Follower::receive_welcome(Connection& conn) {
   } catch (const Error& e) {
     // A master that requires TLS resets a connection whose first bytes are not TLS.
     if (e.errno_value() != ECONNRESET || cfg_.security.tls) throw;
-    throw Error(std::string(e.what()) + " (does the master require TLS: --tls-*?)", e.errno_value());
+    throw Error(std::string(e.what()) + " (does the master require TLS, --tls-*?)", e.errno_value());
   }
   conn.set_max_frame_bytes(kMaxFrameBytes);
   return frame;
@@ -216,7 +216,7 @@ void Follower::handshake(Connection& conn) {
   auto frame = receive_welcome(conn);
   if (!frame)
     throw Error("master " + cfg_.master_address + " closed the connection during the handshake" +
-                (cfg_.security.secret ? "" : " (does it require --secret-file?)"));
+                (cfg_.security.secret && cfg_.security.tls ? "" : " (does it require --secret-file or TLS, --tls-*?)"));
   auto msg = frame->root();
   if (msg.which() == wire::Message::ERROR) {
     auto err = msg.getError();
