@@ -33,6 +33,10 @@ struct Upstream::Session {
   std::atomic<bool> streaming{false};
   std::atomic<bool> dead{false};
   std::atomic<Lsn> sent{0}, received{0}, durable{0};
+  // Dropped for silence before: barriers do not wait for it until it acknowledges
+  // probation_until (under mu_).
+  bool probation = false;
+  Lsn probation_until = 0;
   std::thread thread;
 };
 
@@ -423,6 +427,15 @@ void Upstream::run_session(std::shared_ptr<Session> sp, std::unique_ptr<Frame> f
     ack_thread = std::thread([this, sp] { read_acks(sp); });
     {
       std::lock_guard lk(mu_);
+      if (silent_nodes_.count(s.node_id)) {
+        // It let barriers wait for an ack timeout before: until it shows that it answers again,
+        // it costs them nothing (a stalled or hostile slave that reconnects cannot hold every
+        // barrier for --ack-timeout again and again).
+        s.probation = true;
+        s.probation_until = std::max(s.sent.load(), node_.last_lsn());
+        LOG_WARN("slave %s (%s) was dropped for not acknowledging: barriers do not wait for it until it acknowledges lsn %" PRIu64,
+                 conn.peer().c_str(), s.node_id.c_str(), s.probation_until);
+      }
       s.streaming = true;
     }
     ack_cv_.notify_all();
@@ -494,6 +507,11 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
             std::lock_guard lk(mu_);
             if (r > s.received) s.received = r;
             if (d > s.durable) s.durable = d;
+            if (s.probation && (s.level == AckLevel::sync ? d : r) >= s.probation_until) {
+              s.probation = false;
+              silent_nodes_.erase(s.node_id);
+              LOG_INFO("slave %s (%s) acknowledges again: barriers wait for it", s.conn->peer().c_str(), s.node_id.c_str());
+            }
           }
           ack_cv_.notify_all();
           break;
@@ -505,9 +523,22 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
           throw Error("it sent an unexpected message", EPROTO);
       }
     }
+  } catch (const Error& e) {
+    if (e.errno_value() == ETIMEDOUT) note_silent(s);
+    drop(s, e.what());
   } catch (const std::exception& e) {
     drop(s, e.what());
   }
+}
+
+void Upstream::note_silent(const Session& s) {
+  std::lock_guard lk(mu_);
+  note_silent_locked(s);
+}
+
+void Upstream::note_silent_locked(const Session& s) {
+  // Bounded: past the cap a silent node is simply waited for again.
+  if (silent_nodes_.size() < kMaxSilentNodes) silent_nodes_.insert(s.node_id);
 }
 
 int Upstream::wait_barrier(Lsn lsn) {
@@ -516,18 +547,22 @@ int Upstream::wait_barrier(Lsn lsn) {
   std::unique_lock lk(mu_);
   for (;;) {
     unsigned confirmed = 0;
-    std::vector<std::shared_ptr<Session>> pending;
+    std::vector<std::shared_ptr<Session>> pending, on_probation;
     for (auto& s : sessions_) {
       if (s->dead || !s->streaming || s->level == AckLevel::async) continue;
       Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
       if (have >= lsn) confirmed++;
-      else pending.push_back(s);
+      else (s->probation ? on_probation : pending).push_back(s);
     }
+    // A slave on probation is waited for only when the barrier needs it to reach
+    // --min-sync-slaves.
+    if (confirmed < cfg_.min_sync_slaves) pending.insert(pending.end(), on_probation.begin(), on_probation.end());
     if (pending.empty() && confirmed >= cfg_.min_sync_slaves) return 0;
     if (ack_cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
       for (auto& s : pending) {
         Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
         if (have < lsn) {
+          note_silent_locked(*s);
           lk.unlock();
           drop(*s, "no acknowledgement of lsn " + std::to_string(lsn) + " within " +
                        std::to_string(cfg_.ack_timeout.count()) + " ms");
@@ -558,6 +593,7 @@ std::vector<SlaveStatus> Upstream::slaves() {
     st.received_lsn = s->received;
     st.durable_lsn = s->durable;
     st.lag_bytes = s->durable.load() < last ? journal_.bytes_after(s->durable) : 0;
+    st.probation = s->probation;
     st.authenticated = s->conn->authenticated();
     st.encrypted = s->conn->encrypted();
     out.push_back(st);

@@ -10,6 +10,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -46,6 +47,7 @@ struct SlaveStatus {
   std::string address, node_id, state, ack;
   Lsn received_lsn = 0, durable_lsn = 0;
   uint64_t lag_bytes = 0;
+  bool probation = false;      // dropped for silence before: barriers do not wait for it yet
   bool authenticated = false;  // it proved the cluster's secret
   bool encrypted = false;      // TLS
 };
@@ -93,6 +95,9 @@ class Upstream {
   void serve(std::shared_ptr<Session> s, std::unique_ptr<Frame> hello);
   void stream(Session& s, std::shared_ptr<Journal::Reader> reader);
   void read_acks(std::shared_ptr<Session> s);
+  // Remembers that a slave let a barrier or its ack reader time out (by node id).
+  void note_silent(const Session& s);
+  void note_silent_locked(const Session& s);
   void drop(Session& s, const std::string& why);
 
   Node& node_;
@@ -106,6 +111,9 @@ class Upstream {
   std::condition_variable ack_cv_;
   std::condition_variable retired_cv_;  // a session left sessions_ (stop() waits for all)
   std::list<std::shared_ptr<Session>> sessions_;
+  // Node ids of slaves dropped for not acknowledging, until they acknowledge again (under mu_).
+  static constexpr size_t kMaxSilentNodes = 1024;
+  std::set<std::string> silent_nodes_;
   std::vector<std::thread> finished_;  // threads of retired sessions, not yet joined
 };
 

@@ -48,7 +48,7 @@ json status_json(Replica& replica, const std::string& mountpoint) {
   for (auto& s : st.slaves)
     slaves.push_back({{"address", s.address}, {"node_id", s.node_id}, {"state", s.state}, {"ack", s.ack},
                       {"received_lsn", s.received_lsn}, {"durable_lsn", s.durable_lsn}, {"lag_bytes", s.lag_bytes},
-                      {"authenticated", s.authenticated}, {"encrypted", s.encrypted}});
+                      {"authenticated", s.authenticated}, {"encrypted", s.encrypted}, {"probation", s.probation}});
   j["slaves"] = slaves;
   return j;
 }
