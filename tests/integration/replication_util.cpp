@@ -418,6 +418,13 @@ Node& Cluster::define(const std::string& name, const std::string& master_address
   return *nodes_.back();
 }
 
+std::string Cluster::private_dir(const std::string& name) const {
+  const std::string p = tmp_.path() + "/" + name;
+  if (mkdir(p.c_str(), 0700) != 0 && errno != EEXIST) fail_sys("mkdir(" + p + ")");
+  if (chmod(p.c_str(), 0700) != 0) fail_sys("chmod(" + p + ")");
+  return p;
+}
+
 Node& Cluster::define_master(const std::vector<std::string>& extra) {
   return define("master" + std::to_string(nodes_.size()), "", extra, true);
 }

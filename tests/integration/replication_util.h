@@ -109,6 +109,10 @@ class Cluster {
   void detach(Node& n);
 
   std::string path() const { return tmp_.path(); }
+  // path()/name, created with mode 0700 (root-only). When path() itself must be reachable by
+  // another user (a database server on a mount), a slave's data directory goes below one:
+  // blockrepl refuses a replica's data directory that unprivileged users can reach.
+  std::string private_dir(const std::string& name) const;
   std::string log_tail(const Node& n, size_t max_bytes = 6000) const;
   std::string all_logs() const;
 
