@@ -221,16 +221,13 @@ TEST(BackingDir, UnprivilegedUserCannotUseReplicatedSetIdFilesOrDevices) {
   // The mounts are for everyone; the backing directories below root-only directories.
   ASSERT_EQ(chmod(c.path().c_str(), 0711), 0);
   Node& m = c.define_master();
-  m.data = c.private_dir("master-vault") + "/data";
-  ASSERT_EQ(mkdir(m.data.c_str(), 0755), 0);  // the volume root everyone may enter
+  m.data = c.private_data_dir("master-vault");  // 0755: the volume root everyone may enter
   ASSERT_TRUE(c.mount(m));
   ASSERT_NO_FATAL_FAILURE(make_set_id_file_and_device(m, ""));
   ASSERT_EQ(repl::sync_point(m.mnt), "");
 
   Node& s = c.define_slave(m);
-  const std::string vault = c.private_dir("slave-vault");
-  s.data = vault + "/data";
-  ASSERT_EQ(mkdir(s.data.c_str(), 0755), 0);
+  s.data = c.private_data_dir("slave-vault");
   ASSERT_TRUE(c.mount(s));  // the full copy
   ASSERT_NO_FATAL_FAILURE(make_set_id_file_and_device(m, "-streamed"));
   ASSERT_EQ(repl::sync_and_wait(m.mnt, {s.mnt}), "");

@@ -356,7 +356,7 @@ TEST(FailoverPostgres, KilledMasterPromotedSlaveRecoversEveryCommittedTransactio
   Node& m = c.add_master({"--ack", "sync"});
   ASSERT_TRUE(m.ok());
   Node& s = c.define_slave(m);
-  s.data = c.private_dir("slave-vault");  // but nobody else the slave's backing directory
+  s.data = c.private_data_dir("slave-vault");  // but nobody else the slave's backing directory
   ASSERT_TRUE(c.mount(s));
   // Declared after the Cluster: destroyed (servers stopped) before the mounts go away.
   PgServer pg(bindir, m.file("pgdata"), free_port());
