@@ -286,6 +286,16 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
     FileHashTree copy(bs);
     try {
       hashes.with_tree(fid, fd, [&](const FileHashTree& t) { copy = t; });
+      // Compare as if our copy had the master's size already (the stage sets it): what it
+      // would gain reads as zeros, which is what a hole on the master hashes as, so a huge
+      // sparse file there against a short copy here descends only to the blocks that hold
+      // data, not to every node past our end (which would answer "absent" and differ from the
+      // hole's zeros all the way down). A cut inside a block may rehash it from the file as it
+      // is: at worst that block is fetched.
+      if (copy.size() != their_size) {
+        copy.truncate(their_size);
+        copy.refresh(fd);
+      }
     } catch (...) {
       close(fd);
       throw;
