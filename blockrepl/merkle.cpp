@@ -662,6 +662,10 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
     Closer dc{dfd};
     std::set<std::string> wanted;
     for (const auto& e : l.entries) {
+      // The metadata folder and lost+found are not the volume's: a listing naming them would
+      // move them into the park (and delete them) before any record reached the Store.
+      if (l.path.empty() && is_hidden_root_entry(e.name.c_str(), DT_UNKNOWN))
+        throw Error("stage in " + where_ + " lists '" + e.name + "' at the volume root, which no peer may name", EPERM);
       wanted.insert(e.name);
       const std::string p = join_path(l.path, e.name);
       const char* name = e.name.c_str();

@@ -18,6 +18,7 @@
 #include "blockrepl/hash_index.h"
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
+#include "blockrepl/record_policy.h"
 
 namespace blockrepl {
 
@@ -125,7 +126,18 @@ bool Store::changes_directories(Op op) {
   }
 }
 
+// Every record, from a peer or from this node's own mount, passes the record policy first
+// (record_policy.h): what it names, creates and sets is checked once, here, before any of it
+// reaches the disk.
+int Store::refused_by_policy(const Record& rec) {
+  std::string reason;
+  const int err = check_record(rec, &reason);
+  if (err) LOG_WARN("refused %s: %s (%s)", rec.describe().c_str(), reason.c_str(), strerror(err));
+  return err;
+}
+
 int Store::apply(const Record& rec, const Targets& given, Stamps* stamps_out) {
+  if (int err = refused_by_policy(rec)) return err;
   Targets t;
   const bool data_op = rec.op == Op::write || rec.op == Op::truncate || rec.op == Op::fallocate;
   if (int err = resolve(rec, given, t, data_op)) return err;
@@ -258,7 +270,6 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::mkdir:
     case Op::symlink: {
       if (t.parent_fd < 0) return ENOENT;
-      if (!valid_path_component(rec.name)) return EINVAL;
       if (names_hidden_entry(t.parent_fd, rec.name)) return EPERM;
       int rc;
       if (rec.op == Op::mkdir) {
@@ -274,7 +285,6 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     }
     case Op::link: {
       if (t.path_fd < 0 || t.parent_fd < 0) return ENOENT;
-      if (!valid_path_component(rec.name)) return EINVAL;
       if (names_hidden_entry(t.parent_fd, rec.name)) return EPERM;
       if (linkat(t.path_fd, "", t.parent_fd, rec.name.c_str(), AT_EMPTY_PATH) != 0) return errno;
       return 0;
@@ -282,7 +292,6 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::unlink:
     case Op::rmdir: {
       if (t.parent_fd < 0) return ENOENT;
-      if (!valid_path_component(rec.name)) return EINVAL;
       if (names_hidden_entry(t.parent_fd, rec.name)) return EPERM;
       if (unlinkat(t.parent_fd, rec.name.c_str(), rec.op == Op::rmdir ? AT_REMOVEDIR : 0) != 0) return errno;
       maybe_orphaned(rec.fid);
@@ -290,7 +299,6 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     }
     case Op::rename: {
       if (t.parent_fd < 0 || t.parent2_fd < 0) return ENOENT;
-      if (!valid_path_component(rec.name) || !valid_path_component(rec.name2)) return EINVAL;
       if (names_hidden_entry(t.parent_fd, rec.name) || names_hidden_entry(t.parent2_fd, rec.name2)) return EPERM;
       // A rename over an existing file takes that file's name away.
       const FileId replaced = (rec.flags & RENAME_EXCHANGE) ? kInvalidFileId
@@ -303,7 +311,6 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::setxattr:
     case Op::removexattr: {
       if (t.path_fd < 0) return ENOENT;
-      if (rec.name.rfind(kReservedXattrPrefix, 0) == 0) return EPERM;
       const std::string p = fd_path(t.path_fd);
       int rc = rec.op == Op::setxattr
                    ? setxattr(p.c_str(), rec.name.c_str(), rec.data.data(), rec.data.size(), static_cast<int>(rec.flags))
@@ -401,6 +408,8 @@ int Store::skip_replayed(const Record& rec) {
 }
 
 int Store::apply_replayed(const Record& rec) {
+  // Before anything else: a record already half applied is finished below without apply().
+  if (int err = refused_by_policy(rec)) return err;
   auto skip_unless = [&](bool cond) { return !cond; };
   switch (rec.op) {
     case Op::create:
@@ -417,7 +426,7 @@ int Store::apply_replayed(const Record& rec) {
       }
       Fd pfd = files_.path(rec.parent);
       struct stat st;
-      if (pfd && valid_path_component(rec.name) && fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+      if (pfd && fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
         // Created but not yet tagged when the daemon died: finish the job.
         return apply_created(rec, pfd.get());
       }
@@ -433,7 +442,7 @@ int Store::apply_replayed(const Record& rec) {
         // Renamed already; the whiteout may have been left untagged when the daemon died.
         Fd pfd = files_.path(rec.parent);
         struct stat st;
-        if (pfd && valid_path_component(rec.name) && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
+        if (pfd && entry_fid(rec.parent, rec.name) == kInvalidFileId &&
             fstatat(pfd.get(), rec.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == 0) {
           if (int err = apply_whiteout(rec, pfd.get())) return err;
           const timespec ts[2] = {{0, UTIME_OMIT}, rec.mtime};

@@ -54,7 +54,8 @@ class Store {
   static constexpr size_t kDirectMin = 256 << 10;
   static constexpr size_t kDirectAlign = 4096;  // covers 512-byte and 4 KiB logical blocks
 
-  // Applies one record. Returns 0 or an errno (the backing file system's answer).
+  // Applies one record. Returns 0 or an errno: the record policy's refusal (record_policy.h:
+  // EINVAL, EPERM, EOPNOTSUPP) or the backing file system's answer.
   // With `stamps_out` (the master), the times the change left are reported there; without it
   // (a replica), the record's stamps (kAttrStampMtime, kAttrStampDirs) are applied.
   int apply(const Record& rec, const Targets& given = {}, Stamps* stamps_out = nullptr);
@@ -74,6 +75,8 @@ class Store {
   int root_fd() const { return root_fd_; }
 
  private:
+  // The record policy's verdict (0 or the errno), logged with the record when it refuses.
+  static int refused_by_policy(const Record& rec);
   int resolve(const Record& rec, const Targets& given, Targets& t, bool need_rw);
   int apply_created(const Record& rec, int parent_fd);
   // Owner and file id of the whiteout a RENAME_WHITEOUT left at rec.parent/rec.name.

@@ -537,7 +537,9 @@ void op_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, 
   Record rec;
   rec.op = S_ISDIR(mode) ? Op::mkdir : Op::create;
   rec.mode = mode;
-  rec.rdev = rdev;
+  // The kernel passes mknod's device argument for every type; only devices keep it (the record
+  // policy refuses a device number on anything else, as a file system ignores it).
+  rec.rdev = S_ISCHR(mode) || S_ISBLK(mode) ? rdev : 0;
   make_entry(req, parent, name, rec);
 }
 

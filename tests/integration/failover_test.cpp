@@ -355,8 +355,9 @@ TEST(FailoverPostgres, KilledMasterPromotedSlaveRecoversEveryCommittedTransactio
   chmod(c.path().c_str(), 0755);  // the postgres user must reach the mounts inside
   Node& m = c.add_master({"--ack", "sync"});
   ASSERT_TRUE(m.ok());
-  Node& s = c.add_slave(m);
-  ASSERT_TRUE(s.ok());
+  Node& s = c.define_slave(m);
+  s.data = c.private_data_dir("slave-vault");  // but nobody else the slave's backing directory
+  ASSERT_TRUE(c.mount(s));
   // Declared after the Cluster: destroyed (servers stopped) before the mounts go away.
   PgServer pg(bindir, m.file("pgdata"), free_port());
   CommandResult r = pg.initdb();

@@ -1419,7 +1419,11 @@ class PosixReplicated : public ::testing::Test {
     // Other users must reach the mounts (mkdtemp made the directory 0700).
     chmod(cluster_->path().c_str(), 0755);
     master_ = &cluster_->add_master({"--ack", "sync"});
-    if (master_->ok()) slave_ = &cluster_->add_slave(*master_);
+    if (!master_->ok()) return;
+    // But not the slave's backing directory: a replica's must lie below a root-only directory.
+    slave_ = &cluster_->define_slave(*master_);
+    slave_->data = cluster_->private_data_dir("slave-vault");
+    cluster_->mount(*slave_);
   }
   static void TearDownTestSuite() {
     delete cluster_;

@@ -418,6 +418,15 @@ Node& Cluster::define(const std::string& name, const std::string& master_address
   return *nodes_.back();
 }
 
+std::string Cluster::private_data_dir(const std::string& vault) const {
+  const std::string p = tmp_.path() + "/" + vault, data = p + "/data";
+  if (mkdir(p.c_str(), 0700) != 0 && errno != EEXIST) fail_sys("mkdir(" + p + ")");
+  if (chmod(p.c_str(), 0700) != 0) fail_sys("chmod(" + p + ")");
+  if (mkdir(data.c_str(), 0755) != 0 && errno != EEXIST) fail_sys("mkdir(" + data + ")");
+  if (chmod(data.c_str(), 0755) != 0) fail_sys("chmod(" + data + ")");
+  return data;
+}
+
 Node& Cluster::define_master(const std::vector<std::string>& extra) {
   return define("master" + std::to_string(nodes_.size()), "", extra, true);
 }

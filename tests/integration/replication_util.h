@@ -109,6 +109,11 @@ class Cluster {
   void detach(Node& n);
 
   std::string path() const { return tmp_.path(); }
+  // A new data directory path()/vault/data, its parent `vault` of mode 0700 (root-only). When
+  // path() itself must be reachable by other users (a database server on a mount), a slave's data
+  // directory goes there: blockrepl refuses a replica's data directory that unprivileged users
+  // can reach. The data directory itself is 0755, as a volume root may be.
+  std::string private_data_dir(const std::string& vault) const;
   std::string log_tail(const Node& n, size_t max_bytes = 6000) const;
   std::string all_logs() const;
 

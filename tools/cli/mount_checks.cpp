@@ -16,6 +16,7 @@
 #include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
@@ -251,6 +252,45 @@ std::optional<std::string> check_replica_data_dir(const std::string& data_abs, c
   } catch (const std::exception& e) {
     return "data directory " + data_abs + ": " + e.what();
   }
+}
+
+namespace {
+
+// Why directory `path` lets users other than root traverse it, or "" if it does not.
+std::string why_not_root_only(const std::string& path) {
+  struct stat st;
+  if (lstat(path.c_str(), &st) != 0) return std::string("cannot be examined: ") + strerror(errno);
+  char mode[8];
+  snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+  if (st.st_uid != 0) return "is owned by uid " + std::to_string(st.st_uid);
+  if (st.st_mode & S_IXOTH) return std::string("is ") + mode;
+  if ((st.st_mode & S_IXGRP) && st.st_gid != 0) return std::string("is ") + mode + " with group " + std::to_string(st.st_gid);
+  // Any access ACL may name a user or group with execute permission: it is not root-only.
+  if (lgetxattr(path.c_str(), "system.posix_acl_access", nullptr, 0) >= 0) return "has a POSIX ACL";
+  return "";
+}
+
+std::string parent_of(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+}
+
+}  // namespace
+
+std::optional<std::string> check_backing_dir_private(const std::string& data_abs) {
+  if (data_abs.empty() || data_abs == "/" || data_abs.front() != '/')
+    return "data directory '" + data_abs + "' cannot be a replica's: it has no parent directory to keep it private";
+  const std::string parent = parent_of(data_abs);
+  std::string first_reason;
+  for (std::string dir = parent;; dir = parent_of(dir)) {
+    const std::string why = why_not_root_only(dir);
+    if (why.empty()) return std::nullopt;
+    if (first_reason.empty()) first_reason = dir + " " + why;
+    if (dir == "/") break;
+  }
+  return "data directory " + data_abs + " is reachable by unprivileged users (no parent is root-only: " + first_reason +
+         "): a replica holds set-id files and device nodes as its master made them; keep it under a root-only "
+         "directory (mkdir -m 0700 " + (parent == "/" ? "" : parent) + "/replicas)";
 }
 
 void detach_dead_mount(const std::string& mountpoint_abs) {

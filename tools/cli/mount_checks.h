@@ -26,6 +26,15 @@ std::optional<std::string> check_data_dir_overlaps(const std::string& data_abs);
 // "pull") is what would replace it. Pass --discard-my-data to skip this check. Writes nothing.
 std::optional<std::string> check_replica_data_dir(const std::string& data_abs, const std::string& who);
 
+// A replica's backing directory holds set-id files, file capabilities and device nodes as root
+// on its master made them; only the mount is nosuid,nodev, not the backing file system. So no
+// unprivileged local user may reach it: at least one ancestor of `data_abs` (canonical; the
+// directory itself has the volume root's mode, replicated from the master) must be root-only:
+// owned by root, no execute bit for others, none for its group unless that is gid 0, and no
+// POSIX ACL (system.posix_acl_access) that could grant traversal. Returns the error sentence
+// otherwise, for a slave and for pull (masters are not checked). Writes nothing.
+std::optional<std::string> check_backing_dir_private(const std::string& data_abs);
+
 // Removes (lazily) the dead mount found by check_mount_paths; throws Error.
 void detach_dead_mount(const std::string& mountpoint_abs);
 

@@ -53,6 +53,10 @@ int run_pull(const std::string& address, const std::string& dir, int verbosity, 
     fprintf(stderr, "blockrepl: pull: %s\n", err->c_str());
     return 1;
   }
+  if (auto err = check_backing_dir_private(dir_abs)) {
+    fprintf(stderr, "blockrepl: pull: %s\n", err->c_str());
+    return 1;
+  }
   // The same rule as a slave's: a first pull replaces what DIR holds.
   if (!discard_my_data)
     if (auto err = check_replica_data_dir(dir_abs, "pull")) {
