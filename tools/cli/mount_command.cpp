@@ -145,12 +145,12 @@ int run_mount(const MountOptions& opts) {
     fprintf(stderr, "blockrepl: %s\n", err->c_str());
     return 1;
   }
-  // A slave's first attach replaces what its data directory holds: only an empty directory or a
-  // volume is taken without being told.
   if (auto err = slave ? check_backing_dir_private(paths.data_abs) : std::nullopt) {
     fprintf(stderr, "blockrepl: %s\n", err->c_str());
     return 1;
   }
+  // A slave's first attach replaces what its data directory holds: only an empty directory or a
+  // volume is taken without being told.
   if (slave && !given.discard_my_data)
     if (auto err = check_replica_data_dir(paths.data_abs, "slave")) {
       fprintf(stderr, "blockrepl: %s\n", err->c_str());
