@@ -182,7 +182,7 @@ void CopyReceiver::write_chunk(const std::string& path, FileId fid, uint64_t off
   rec.data = std::string_view(reinterpret_cast<const char*>(data), n);
   Targets t;
   t.fd = file_fd_;
-  if (int err = store_.apply(rec, t)) throw_errno("copy: cannot write " + path, err);
+  if (int err = store_.apply(rec, t)) throw Error("cannot write " + path + ": " + Store::failure_text(err), err);
   stats_.bytes += n;
 }
 
@@ -193,26 +193,26 @@ CopyReceiver::~CopyReceiver() {
 // Opens the directory that holds `path`, component by component without following symlinks,
 // so that no path from a peer can lead outside the backing directory.
 int CopyReceiver::open_parent(const std::string& path, std::string* leaf) {
-  if (path.empty() || path.front() == '/' || path.size() > 4096) throw Error("copy: bad path '" + path + "' from peer", EPROTO);
+  if (path.empty() || path.front() == '/' || path.size() > 4096) throw Error("bad path '" + path + "'", EPROTO);
   std::vector<std::string> parts;
   size_t start = 0;
   while (start <= path.size()) {
     size_t slash = path.find('/', start);
     if (slash == std::string::npos) slash = path.size();
     std::string c = path.substr(start, slash - start);
-    if (!valid_path_component(c)) throw Error("copy: bad path '" + path + "' from peer", EPROTO);
+    if (!valid_path_component(c)) throw Error("bad path '" + path + "'", EPROTO);
     parts.push_back(c);
     start = slash + 1;
   }
-  if (parts.front() == kMetadataDirName) throw Error("copy: peer tried to write into the metadata folder", EPROTO);
+  if (parts.front() == kMetadataDirName) throw Error("it tried to write into the metadata folder", EPROTO);
   // Nor below the file system's lost+found, which no record may make, name or enter.
-  if (parts.size() > 1 && parts.front() == kLostFoundName) throw Error("copy: peer tried to write into lost+found", EPROTO);
+  if (parts.size() > 1 && parts.front() == kLostFoundName) throw Error("it tried to write into lost+found", EPROTO);
   int fd = openat(root_fd_, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
   for (size_t i = 0; i + 1 < parts.size(); i++) {
     int next = openat(fd, parts[i].c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     int e = errno;
     close(fd);
-    if (next < 0) throw_errno("copy: cannot open directory of " + path, e);
+    if (next < 0) throw_errno("cannot open directory of " + path, e);
     fd = next;
   }
   *leaf = parts.back();
@@ -229,7 +229,7 @@ void CopyReceiver::set_times(FileId fid, int fd, const timespec times[2], const 
   rec.mtime = times[1];
   Targets t;
   t.path_fd = fd;
-  if (int err = store_.apply(rec, t)) throw_errno("copy: cannot set the times of " + path, err);
+  if (int err = store_.apply(rec, t)) throw Error("cannot set the times of " + path + ": " + Store::failure_text(err), err);
 }
 
 void CopyReceiver::finish_file() {
@@ -252,7 +252,7 @@ void CopyReceiver::finish_file() {
   }
   close(file_fd_);
   file_fd_ = -1;
-  if (err) throw_errno("copy: cannot size " + file_path_, err);
+  if (err) throw Error("cannot size " + file_path_ + ": " + Store::failure_text(err), err);
   file_path_.clear();
 }
 
@@ -306,10 +306,10 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
     std::string other_leaf;
     OwnedFd other_dir(open_parent(text_of(e.getHardLinkOf()), &other_leaf));
     OwnedFd other(openat(other_dir.get(), other_leaf.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
-    if (!other) throw_errno("copy: cannot find " + text_of(e.getHardLinkOf()) + " to link " + path, errno);
+    if (!other) throw_errno("cannot find " + text_of(e.getHardLinkOf()) + " to link " + path, errno);
     rec.op = Op::link;
     t.path_fd = other.get();
-    if (int err = store_.apply(rec, t)) throw_errno("copy: cannot link " + path, err);
+    if (int err = store_.apply(rec, t)) throw Error("cannot link " + path + ": " + Store::failure_text(err), err);
     return;
   }
   // The type, mode, device number and target are the record policy's to judge (in the Store).
@@ -323,9 +323,9 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
     rec.op = Op::create;
     rec.rdev = e.getRdev();
   }
-  if (int err = store_.apply(rec, t)) throw_errno("copy: cannot create " + path, err);
+  if (int err = store_.apply(rec, t)) throw Error("cannot create " + path + ": " + Store::failure_text(err), err);
   OwnedFd entry(openat(dir.get(), leaf.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
-  if (!entry) throw_errno("copy: cannot open " + path + " after creating it", errno);
+  if (!entry) throw_errno("cannot open " + path + " after creating it", errno);
   for (auto x : e.getXattrs()) {
     Record xr;
     xr.op = Op::setxattr;
@@ -336,14 +336,14 @@ void CopyReceiver::apply(wire::CopyEntry::Reader e) {
     xr.data = std::string_view(reinterpret_cast<const char*>(v.begin()), v.size());
     Targets xt;
     xt.path_fd = entry.get();
-    if (int err = store_.apply(xr, xt)) throw_errno("copy: cannot set xattr " + xr.name + " on " + path, err);
+    if (int err = store_.apply(xr, xt)) throw Error("cannot set xattr " + xr.name + " on " + path + ": " + Store::failure_text(err), err);
   }
   if (S_ISDIR(mode)) {
     // Set once the directory is complete: its entries change its times while copying.
     dir_times_.push_back({path, {times[0], times[1]}});
   } else if (S_ISREG(mode)) {
     file_fd_ = openat(dir.get(), leaf.c_str(), O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (file_fd_ < 0) throw_errno("copy: cannot open " + path + " to write it", errno);
+    if (file_fd_ < 0) throw_errno("cannot open " + path + " to write it", errno);
     file_path_ = path;
     file_size_ = e.getSize();
     file_times_[0] = times[0];
@@ -363,10 +363,10 @@ void CopyReceiver::finish(timespec root_mtime) {
     std::string leaf;
     OwnedFd parent(open_parent(it->path, &leaf));
     OwnedFd dir(openat(parent.get(), leaf.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    if (!dir) throw_errno("copy: cannot open directory " + it->path + " to set its times", errno);
+    if (!dir) throw_errno("cannot open directory " + it->path + " to set its times", errno);
     set_times(read_file_id(dir.get(), "").value_or(kInvalidFileId), dir.get(), it->times, it->path);
   }
-  if (root_mtime.tv_nsec < 0 || root_mtime.tv_nsec >= 1000000000L) throw Error("copy: bad root mtime from peer", EPROTO);
+  if (root_mtime.tv_nsec < 0 || root_mtime.tv_nsec >= 1000000000L) throw Error("bad root mtime", EPROTO);
   const timespec root_times[2] = {{0, UTIME_OMIT}, root_mtime};
   set_times(kRootFileId, root_fd_, root_times, "the volume root");
 }

@@ -99,6 +99,9 @@ void Follower::run() {
       if (stopping_) break;
       LOG_WARN("master %s: %s", cfg_.master_address.c_str(), e.what());
       after_failed_session(e);
+      // A session that got as far as streaming worked: the next attempt starts with the short
+      // wait again, instead of the longest one earlier failures reached.
+      if (reached_streaming_.exchange(false)) backoff = std::chrono::milliseconds(200);
     }
     {
       std::lock_guard lk(status_mu_);
@@ -377,16 +380,25 @@ void Follower::handshake(Connection& conn) {
   std::lock_guard lk(status_mu_);
   status_.state = "streaming";
   status_.waiting_for.clear();
+  reached_streaming_ = true;
 }
 
 void Follower::receive_copy(Connection& conn) {
   CopyReceiver rx(node_.store());
+  // The receiver's errors name the file; this names the master.
+  auto from_master = [&](const Error& e) {
+    return Error("full copy from master " + cfg_.master_address + ": " + e.what(), e.errno_value());
+  };
   for (;;) {
     auto frame = conn.receive(static_cast<int>(std::max<int64_t>(cfg_.master_timeout.count(), 30000)));
     if (!frame) throw Error("master " + cfg_.master_address + " closed the connection during the full copy");
     auto msg = frame->root();
     if (msg.which() == wire::Message::COPY_ENTRY) {
-      rx.apply(msg.getCopyEntry());
+      try {
+        rx.apply(msg.getCopyEntry());
+      } catch (const Error& e) {
+        throw from_master(e);
+      }
       std::lock_guard lk(status_mu_);
       status_.current_attach.files_received = rx.stats().files;
       status_.current_attach.bytes_received = conn.bytes_received();
@@ -394,7 +406,11 @@ void Follower::receive_copy(Connection& conn) {
       continue;
     }
     if (msg.which() == wire::Message::COPY_DONE) {
-      rx.finish({static_cast<time_t>(msg.getCopyDone().getRootMtimeSec()), static_cast<long>(msg.getCopyDone().getRootMtimeNsec())});
+      try {
+        rx.finish({static_cast<time_t>(msg.getCopyDone().getRootMtimeSec()), static_cast<long>(msg.getCopyDone().getRootMtimeNsec())});
+      } catch (const Error& e) {
+        throw from_master(e);
+      }
       replay_until_ = msg.getCopyDone().getLsn();
       complete_at_ = replay_until_;
       // Everything copied must be durable before the replica may call itself consistent.
@@ -509,6 +525,7 @@ void Follower::commit_stage(Connection& conn, Lsn lsn) {
   finish_stage();
   staging_ = false;
   last_lsn_ = lsn;
+  reached_streaming_ = true;
   std::lock_guard lk(status_mu_);
   status_.state = "streaming";
   status_.received_lsn = lsn;
@@ -592,7 +609,9 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
     } else {
       const bool replay = rec.lsn <= replay_until_;
       if (int err = node_.apply_received(rec, replay)) {
-        throw Error("cannot apply " + rec.describe() + " to " + node_.data_path() + ": " + strerror(err), err);
+        throw Error("cannot apply " + rec.describe() + " from master " + cfg_.master_address + " to " + node_.data_path() + ": " +
+                        Store::failure_text(err),
+                    err);
       }
       if (changes_namespace(rec.op)) dirty_namespace_ = true;
       else if (rec.fid != kInvalidFileId && rec.op != Op::release) dirty_files_.insert(rec.fid);

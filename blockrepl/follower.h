@@ -104,6 +104,7 @@ class Follower {
   ReplicaState state_;
   std::thread thread_;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> reached_streaming_{false};  // the current session got past its attach
   std::mutex conn_mu_;
   Connection* conn_ = nullptr;  // the live connection, for stop()
   std::unique_ptr<Connection> first_conn_;  // attached by attach_now(), streamed on by start()

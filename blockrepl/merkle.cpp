@@ -831,7 +831,7 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
         if (rec.lsn > out.lsn) break;
         if (rec.is_barrier()) continue;
         if (int err = store.apply_replayed(rec))
-          throw Error("cannot apply " + rec.describe() + " to " + where_ + ": " + strerror(err), err);
+          throw Error("cannot apply " + rec.describe() + " to " + where_ + ": " + Store::failure_text(err), err);
         out.records++;
         if (rec.parent != kInvalidFileId) out.names.emplace_back(rec.parent, rec.name);
         if (rec.parent2 != kInvalidFileId) out.names.emplace_back(rec.parent2, rec.name2);

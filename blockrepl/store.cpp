@@ -129,11 +129,23 @@ bool Store::changes_directories(Op op) {
 // Every record, from a peer or from this node's own mount, passes the record policy first
 // (record_policy.h): what it names, creates and sets is checked once, here, before any of it
 // reaches the disk.
+namespace {
+// Why the policy refused the last record this thread applied: the caller's one error line says
+// it (failure_text), so the Store itself only logs it at -v.
+thread_local std::string last_refusal;
+}  // namespace
+
 int Store::refused_by_policy(const Record& rec) {
-  std::string reason;
-  const int err = check_record(rec, &reason);
-  if (err) LOG_WARN("refused %s: %s (%s)", rec.describe().c_str(), reason.c_str(), strerror(err));
+  last_refusal.clear();
+  const int err = check_record(rec, &last_refusal);
+  if (err) LOG_INFO("refused %s: %s (%s)", rec.describe().c_str(), last_refusal.c_str(), strerror(err));
+  else last_refusal.clear();
   return err;
+}
+
+std::string Store::failure_text(int err) {
+  if (last_refusal.empty()) return strerror(err);
+  return last_refusal + " (" + strerror(err) + ")";
 }
 
 int Store::apply(const Record& rec, const Targets& given, Stamps* stamps_out) {

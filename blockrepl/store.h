@@ -67,6 +67,11 @@ class Store {
   // Returns 0 (applied or skipped) or an errno for a real failure.
   int apply_replayed(const Record& rec);
 
+  // What an errno that apply() returned on this thread means, for the caller's error line: the
+  // record policy's reason when it refused the record ("a device number on a non-device
+  // (Invalid argument)"), else strerror(err).
+  static std::string failure_text(int err);
+
   // syncfs() of the backing file system (the root descriptor is O_PATH, which syncfs refuses).
   int sync_all();
 

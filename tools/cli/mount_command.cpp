@@ -138,7 +138,7 @@ int run_mount(const MountOptions& opts) {
   ReplicaConfig replica_cfg = given;
   if (auto err = load_peer_security(opts.security, &replica_cfg.security)) {
     fprintf(stderr, "blockrepl: %s\n", err->c_str());
-    return 1;
+    return 2;  // a setting to fix: a unit does not restart on 2
   }
   MountPaths paths;
   if (auto err = check_mount_paths(opts.data, opts.mountpoint, &paths)) {
@@ -147,7 +147,7 @@ int run_mount(const MountOptions& opts) {
   }
   if (auto err = slave ? check_backing_dir_private(paths.data_abs) : std::nullopt) {
     fprintf(stderr, "blockrepl: %s\n", err->c_str());
-    return 1;
+    return 2;  // a setting to fix: a unit does not restart on 2
   }
   // A slave's first attach replaces what its data directory holds: only an empty directory or a
   // volume is taken without being told.
