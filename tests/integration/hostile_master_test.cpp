@@ -373,9 +373,7 @@ TEST(HostileMaster, StolenSecretFullCopyRefusesWhatNobodyMaySend) {
     const int sessions_before = fake.sessions();
     RefusedMount m = mount_slave_expecting_refusal(data, mnt, fake.address(), secret_file, log);
     EXPECT_EQ(fake.sessions(), sessions_before + 1) << "the slave never attached: the case proves nothing";
-    // Known bug (see DISABLED_StolenSecretFullCopyRefusalIsOneLineNamingThePeer): the line does
-    // not name the peer, and the record policy's warning comes on stderr as a second line.
-    expect_refusal(m, c.name, fake.address(), /*strict=*/false);
+    expect_refusal(m, c.name, fake.address(), /*strict=*/true);
     EXPECT_NE(refusal_line(m.r.err).find(c.says), std::string::npos) << "the refusal does not say '" << c.says << "':\n"
                                                                           << m.r.err;
     std::set<std::string> left;
@@ -395,13 +393,10 @@ TEST(HostileMaster, StolenSecretFullCopyRefusesWhatNobodyMaySend) {
 
 
 
-// KNOWN BUG, a reproducer (disabled so that the suite stays green; run it with
-// --gtest_also_run_disabled_tests): a full copy's refusal is not one line naming the peer, as
-// proto/blockrepl.capnp promises ("The receiver logs one line naming the peer and the field").
-// (1) copy.cpp's errors say "from peer" / "from the upstream", never the master's address;
-// (2) for what the record policy refuses, the Store's "warning: refused lsn 0 create ..." goes to
-// `mount`'s stderr as a second line (and says "lsn 0": a copy entry has no LSN).
-TEST(HostileMaster, DISABLED_StolenSecretFullCopyRefusalIsOneLineNamingThePeer) {
+// A full copy's refusal is one line naming the master and what was wrong, as
+// proto/blockrepl.capnp promises (found by this harness: the copy's errors named no peer, and the
+// Store's own warning reached `mount`'s stderr as a second line).
+TEST(HostileMaster, StolenSecretFullCopyRefusalIsOneLineNamingThePeer) {
   TempDir tmp("hm-oneline");
   const std::string secret = random_secret();
   const std::string secret_file = write_secret(tmp.path() + "/secret", secret);

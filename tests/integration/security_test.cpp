@@ -193,7 +193,8 @@ TEST(Security, PullWithoutTheSecretGetsNothingWithItEverything) {
   expect_one_line_refusal(run_blockrepl({"pull", m.address(), dir, "--secret-file", wrong}),
                           {"authentication failed", m.address()}, "pull with another secret");
   EXPECT_EQ(list_dir(dir), kOnlyItsOwnMetadata) << "a refused pull holds something of the master's";
-  EXPECT_TRUE(log_mentions(m, "authentication failed")) << "the master did not log the wrong secret:\n" << c.log_tail(m);
+  EXPECT_TRUE(repl::wait_until([&] { return log_mentions(m, "authentication failed"); }, 5s))
+      << "the master did not log the wrong secret:\n" << c.log_tail(m);
   EXPECT_FALSE(log_mentions(m, file_text(secret).substr(0, 20))) << "the secret appears in the master's log";
 
   CommandResult ok = run_blockrepl({"pull", m.address(), dir, "--secret-file", secret, "-q"});
