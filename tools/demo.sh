@@ -18,9 +18,11 @@ cleanup() {
 trap cleanup EXIT
 mkdir "$work/master-data" "$work/master" "$work/slave-data" "$work/slave"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The cluster's secret: master and slave prove it to each other before anything is sent.
+(umask 077; openssl rand -base64 32 > "$work/cluster.secret")
 set -x
-"$bin" mount --data "$work/master-data" --listen "127.0.0.1:$port" --ack sync "$work/master"
-"$bin" mount --data "$work/slave-data" --master "127.0.0.1:$port" "$work/slave"
+"$bin" mount --data "$work/master-data" --listen "127.0.0.1:$port" --ack sync --secret-file "$work/cluster.secret" "$work/master"
+"$bin" mount --data "$work/slave-data" --master "127.0.0.1:$port" --secret-file "$work/cluster.secret" "$work/slave"
 findmnt -t fuse.blockrepl
 sqlite3 "$work/master/demo.db" "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
   CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
