@@ -3,6 +3,7 @@
 #include "blockrepl/handshake.h"
 
 #include <cerrno>
+#include <optional>
 #include <cinttypes>
 #include <cstring>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include "blockrepl/hash_index.h"
 #include "blockrepl/error.h"
 #include "blockrepl/log.h"
+#include "blockrepl/trace.h"
 
 namespace blockrepl {
 
@@ -598,6 +600,7 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
   // Barriers in one batch share one round of fsyncs: durable at the last one is durable at all
   // of them (concurrent committers, as in PostgreSQL's group commit, cost one sync, not many).
   Lsn last_barrier = 0;
+  std::optional<TraceTimer> apply_timer(std::in_place, TraceStage::slave_apply);
   for (auto wr : batch.getRecords()) {
     if (wr.getLsn() <= applied_upto) continue;  // applied with the stage this batch ended
     Record rec = from_wire(wr, /*view_data=*/true, cfg_.master_address);  // the frame outlives this loop
@@ -633,8 +636,10 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
   // Acknowledgements matter to the master at barriers (and heartbeats, for status); a batch of
   // plain writes needs none, which saves a wake-up on both sides per commit.
   bool ack = last_barrier != 0;
+  apply_timer.reset();
   if (last_barrier) {
     if (master_ack_ == AckLevel::recv) send_ack(conn);  // received, before our disk: all recv waits for
+    TraceTimer timer(TraceStage::slave_flush);
     make_durable(last_barrier);
   } else if (!state_.attach_complete() && last_lsn_ >= complete_at_) {
     // A full copy is consistent once the records up to copy-done are applied: make it durable
@@ -644,7 +649,10 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
   }
   state_.set_applied(last_lsn_);
   // ... but the master hears from us at least twice a second, or it presumes us dead.
-  if (ack || std::chrono::steady_clock::now() - last_ack_at_ >= std::chrono::milliseconds(500)) send_ack(conn);
+  if (ack || std::chrono::steady_clock::now() - last_ack_at_ >= std::chrono::milliseconds(500)) {
+    TraceTimer timer(TraceStage::slave_ack);
+    send_ack(conn);
+  }
 }
 
 void Follower::make_durable(Lsn lsn) {

@@ -1,4 +1,5 @@
 #include "blockrepl/node.h"
+#include "blockrepl/trace.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -95,7 +96,10 @@ int Node::submit(Record& rec, const Targets& t) {
   if (!has_sinks_.load(std::memory_order_acquire)) {
     // Nobody replays these records: the order in which concurrent changes reach the disk need
     // not match their LSNs, so apply them in parallel (FUSE writeback sends many at once).
-    if (int err = store_.apply(rec, t)) return err;
+    {
+      TraceTimer timer(TraceStage::master_apply);
+      if (int err = store_.apply(rec, t)) return err;
+    }
     std::lock_guard lk(order_mu_);
     rec.lsn = next_lsn_locked();
     last_lsn_.store(rec.lsn, std::memory_order_release);
@@ -104,7 +108,11 @@ int Node::submit(Record& rec, const Targets& t) {
   for (RecordSink* s : sinks_) s->wait_for_room();
   std::lock_guard lk(order_mu_);
   Stamps stamps;
-  int err = store_.apply(rec, t, &stamps);
+  int err;
+  {
+    TraceTimer timer(TraceStage::master_apply);
+    err = store_.apply(rec, t, &stamps);
+  }
   if (err && stamps.written > 0 && rec.op == Op::write) {
     // What reached the disk before it filled reaches the replicas too; the caller gets the error.
     Record part = rec;
@@ -134,8 +142,15 @@ int Node::barrier(Record& rec, const Targets& t) {
     waiter = barrier_waiter_;
   }
   // The record is already on its way to the slaves: local and remote durability overlap.
-  int err = store_.apply(rec, t);
-  int remote = waiter ? waiter(rec.lsn) : 0;
+  int err, remote = 0;
+  {
+    TraceTimer timer(TraceStage::master_flush);
+    err = store_.apply(rec, t);
+  }
+  if (waiter) {
+    TraceTimer timer(TraceStage::master_wait_slaves);
+    remote = waiter(rec.lsn);
+  }
   return err ? err : remote;
 }
 

@@ -17,6 +17,7 @@
 #include "blockrepl/merkle.h"
 #include "blockrepl/error.h"
 #include "blockrepl/log.h"
+#include "blockrepl/trace.h"
 
 namespace blockrepl {
 
@@ -479,6 +480,7 @@ void Upstream::stream(Session& s, std::shared_ptr<Journal::Reader> reader) {
       }
       continue;
     }
+    TraceTimer timer(TraceStage::master_send);
     capnp::MallocMessageBuilder mb;
     auto list = mb.initRoot<wire::Message>().initBatch().initRecords(static_cast<unsigned>(batch.size()));
     for (unsigned i = 0; i < batch.size(); i++) to_wire(*batch[i], list[i]);

@@ -28,6 +28,7 @@
 #include "blockrepl/error.h"
 #include "blockrepl/file_id.h"
 #include "blockrepl/log.h"
+#include "blockrepl/trace.h"
 #include "blockrepl/metadata.h"
 #include "fs/inodes.h"
 
@@ -768,6 +769,7 @@ void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
 
 // fsync, fdatasync, fsyncdir, syncfs and O_SYNC writes: barriers, always made really durable.
 void sync_inode(fuse_req_t req, Inode& inode, int fd, bool datasync) {
+  TraceTimer timer(TraceStage::master_barrier);  // to the reply (the timer ends after it)
   Impl& fs = impl_of(req);
   Record rec;
   rec.op = Op::fsync;

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "blockrepl/node.h"
+#include "blockrepl/trace.h"
 
 namespace blockrepl::cli {
 
@@ -50,6 +51,13 @@ json status_json(Replica& replica, const std::string& mountpoint) {
                       {"received_lsn", s.received_lsn}, {"durable_lsn", s.durable_lsn}, {"lag_bytes", s.lag_bytes},
                       {"authenticated", s.authenticated}, {"encrypted", s.encrypted}, {"probation", s.probation}});
   j["slaves"] = slaves;
+  if (Trace::on()) {
+    // Cumulative latency histograms of a barrier's stages (trace.h): per stage, pairs of
+    // (bucket upper bound in ns, samples); a reader takes the difference of two snapshots.
+    json trace = json::object();
+    for (const auto& stage : Trace::snapshot()) trace[stage.name] = stage.buckets;
+    j["trace"] = trace;
+  }
   return j;
 }
 

@@ -55,6 +55,8 @@ int main(int argc, char** argv) {
                       "rewritten to its master's state, a directory holding other files is emptied for the first copy");
 
   add_security_options(mount_cmd, mount.security, true);
+  mount_cmd->add_flag("--trace", mount.trace,
+                      "keep latency histograms of each stage of a barrier (status --json shows them under \"trace\")");
 
   std::string umount_point;
   bool lazy = false;

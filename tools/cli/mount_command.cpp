@@ -26,6 +26,7 @@
 #include "blockrepl/log.h"
 #include "blockrepl/metadata.h"
 #include "blockrepl/replica.h"
+#include "blockrepl/trace.h"
 #include "fs/filesystem.h"
 #include "tools/cli/control_answers.h"
 #include "tools/cli/daemon.h"
@@ -135,6 +136,7 @@ int run_mount(const MountOptions& opts) {
             given.listen_address.c_str());
     return 2;
   }
+  if (opts.trace) Trace::enable();
   ReplicaConfig replica_cfg = given;
   if (auto err = load_peer_security(opts.security, &replica_cfg.security)) {
     fprintf(stderr, "blockrepl: %s\n", err->c_str());

@@ -18,6 +18,7 @@ struct MountOptions {
   // comes from `security` once its files are read.
   ReplicaConfig replica;
   SecurityOptions security;
+  bool trace = false;  // barrier stage histograms (blockrepl/trace.h)
 };
 
 int run_mount(const MountOptions& opts);
