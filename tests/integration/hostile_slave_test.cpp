@@ -264,6 +264,18 @@ TEST(HostileSlave, NeverAcknowledgingSlaveIsDroppedAndBarriersComplete) {
          staller.drops());
   const std::string log = c.log_tail(m, 1 << 20);
   EXPECT_NE(log.find("dropped: no acknowledgement"), std::string::npos) << log;
+  // Back, it is on probation: barriers no longer wait for it (until it acknowledges).
+  EXPECT_NE(log.find("was dropped for not acknowledging: barriers do not wait for it"), std::string::npos) << log;
+  EXPECT_TRUE(repl::wait_until(
+      [&] {
+        const auto st = repl::status(m.mnt);
+        if (st.is_object())
+          for (auto& sl : st["slaves"])
+            if (sl.value("probation", false)) return true;
+        return false;
+      },
+      10s))
+      << "no slave on probation in the master's status: " << repl::status(m.mnt).dump();
   // The real slave streams throughout.
   auto st = repl::status(m.mnt);
   ASSERT_TRUE(st.is_object());
