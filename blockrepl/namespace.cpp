@@ -183,11 +183,13 @@ void to_wire(const NsEntryInfo& e, wire::NsEntry::Builder out) {
   out.setContent(hash_bytes_of(e.content));
 }
 
-NsEntryInfo from_wire(wire::NsEntry::Reader in) {
+NsEntryInfo from_wire(wire::NsEntry::Reader in, bool at_volume_root) {
   NsEntryInfo e;
   auto name = in.getName();
   e.name.assign(reinterpret_cast<const char*>(name.begin()), name.size());
-  if (!valid_path_component(e.name) || e.name == kMetadataDirName)
+  // The metadata folder's name only at the root: refusing it everywhere failed every Merkle
+  // diff of a volume with a `sub/.blockrepl` (found by tests/fuzz/fuzz_namespace).
+  if (!valid_path_component(e.name) || (at_volume_root && e.name == kMetadataDirName))
     throw Error("peer sent a directory entry with a bad name", EPROTO);
   e.fid = in.getFid();
   if (e.fid == kInvalidFileId) throw Error("peer sent entry '" + e.name + "' without a file id", EPROTO);

@@ -327,6 +327,37 @@ TEST(Merkle, NamespaceChangesAndLocalChangesAreRepairedAndApplyIsIdempotent) {
   EXPECT_EQ(r.report.whole_files, 1u) << "only the new file is sent whole";
 }
 
+// Only the volume root holds the metadata folder: below it `.blockrepl` is an ordinary name,
+// which the mount and the Store allow and a master lists. The slave refused every such entry,
+// so every Merkle diff of such a volume failed (found by tests/fuzz/fuzz_namespace).
+TEST(Namespace, MetadataFolderNameIsRefusedOnlyAtTheRoot) {
+  NsEntryInfo e;
+  e.name = kMetadataDirName;
+  e.fid = 0x42;
+  e.mode = S_IFDIR | 0755;
+  capnp::MallocMessageBuilder mb;
+  auto w = mb.initRoot<wire::NsEntry>();
+  to_wire(e, w);
+  EXPECT_THROW(from_wire(w.asReader(), /*at_volume_root=*/true), Error);
+  EXPECT_EQ(from_wire(w.asReader(), /*at_volume_root=*/false).name, kMetadataDirName);
+}
+
+TEST(Merkle, FolderNamedLikeTheMetadataFolderBelowTheRootIsRepaired) {
+  Volume m, s;
+  FileId d = m.create(kRootFileId, "d", S_IFDIR | 0755);
+  FileId meta_like = m.create(d, kMetadataDirName, S_IFDIR | 0755);
+  FileId f = m.create(meta_like, "f");
+  m.write(f, 0, "first");
+  copy_volume(m, s);
+  m.write(f, 0, "second");
+  FileId g = m.create(meta_like, "g");
+  m.write(g, 0, "new");
+  DiffRun r = merkle(m, s);
+  EXPECT_EQ(tree_listing(m.dir.path), tree_listing(s.dir.path));
+  EXPECT_TRUE(std::filesystem::exists(s.path("d/.blockrepl/g")));
+  EXPECT_EQ(r.report.whole_files, 1u);
+}
+
 TEST(Merkle, StageWithoutCommitIsDiscarded) {
   Volume s;
   Stage stage(s.meta_fd, s.dir.path, false);
