@@ -69,7 +69,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$dir/corpus"
   cp -r "tests/fuzz/corpus/$t/." "$dir/corpus/" 2>/dev/null || true
   set +e
-  "${nice_cmd[@]}" "$build_dir/bin/$t" -max_total_time="$seconds" -timeout=30 -rss_limit_mb=2048 \
+  BLOCKREPL_FUZZ_SCRATCH="$dir" "${nice_cmd[@]}" "$build_dir/bin/$t" -max_total_time="$seconds" -timeout=30 -rss_limit_mb=2048 \
     -max_len="${max_len[$t]}" -print_final_stats=1 -artifact_prefix="$dir/" "$dir/corpus" >"$dir/log" 2>&1
   rc=$?
   set -e

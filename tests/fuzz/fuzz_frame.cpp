@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <string>
 
 #include "blockrepl/attach.h"
@@ -95,6 +96,12 @@ void decode_hello(wire::Hello::Reader h) {
   decide_attach(s, a);
 }
 
+// What the receivers check across a message's parts before using them (list elements may
+// share their bytes, so without these a small frame repeats one record or entry millions of
+// times): batch LSNs ascend (Follower::apply_batch), a listing names each entry once
+// (run_merkle_diff).
+Lsn g_last_lsn = 0;
+
 void decode_one(wire::Message::Reader msg) {
   switch (msg.which()) {
     case wire::Message::HELLO: decode_hello(msg.getHello()); break;
@@ -114,6 +121,8 @@ void decode_one(wire::Message::Reader msg) {
     case wire::Message::BATCH:
       for (auto wr : msg.getBatch().getRecords()) {
         Record rec = from_wire(wr, /*view_data=*/true, kPeer);
+        if (rec.lsn <= g_last_lsn) throw Error("lsn out of order", EPROTO);
+        g_last_lsn = rec.lsn;
         (void)rec.describe();
         check_record_round_trip(rec);
       }
@@ -148,8 +157,11 @@ void decode_one(wire::Message::Reader msg) {
       auto l = msg.getDirListing();
       check_field_size(l.getPath().size(), kMaxPathBytes, "path", kPeer, "dirListing");
       if (!valid_relative_path(std::string(reinterpret_cast<const char*>(l.getPath().begin()), l.getPath().size()))) break;
+      const bool root = l.getPath().size() == 0;
+      std::set<std::string> names;
       for (auto we : l.getEntries()) {
-        NsEntryInfo e = from_wire(we);
+        NsEntryInfo e = from_wire(we, root);
+        if (!names.insert(e.name).second) throw Error("a name twice", EPROTO);
         (void)entry_hash(e);
       }
       break;
@@ -189,6 +201,7 @@ void decode_one(wire::Message::Reader msg) {
 }
 
 void run_decoders(Connection& conn, bool hello_limit) {
+  g_last_lsn = 0;
   if (hello_limit) conn.set_max_frame_bytes(kMaxHelloFrameBytes);
   try {
     for (int frames = 0; frames < 1000; frames++) {

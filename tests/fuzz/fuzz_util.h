@@ -65,7 +65,11 @@ inline const std::string& scratch_dir() {
     signal(SIGXFSZ, SIG_IGN);
     const rlimit fsize{kScratchBytes, kScratchBytes};
     setrlimit(RLIMIT_FSIZE, &fsize);
-    char tmpl[] = "/var/tmp/blockrepl-fuzz-XXXXXX";
+    // Under $BLOCKREPL_FUZZ_SCRATCH (tools/fuzz.sh: the run's folder, so that the empty mount
+    // point a crashed process leaves goes with it), else /var/tmp.
+    const char* base = getenv("BLOCKREPL_FUZZ_SCRATCH");
+    std::string t = std::string(base && *base ? base : "/var/tmp") + "/blockrepl-fuzz-XXXXXX";
+    char* tmpl = t.data();
     if (!mkdtemp(tmpl)) {
       perror("fuzz: mkdtemp");
       abort();
@@ -199,7 +203,10 @@ inline void fill_fixed_volume(Volume& v, int variant) {
   make(Op::mkdir, kRootFileId, kFixedDir, "dir", S_IFDIR | 0755);
   make(Op::create, kFixedDir, kFixedA, "a", S_IFREG | 0644);
   std::string a(3 * v.block_size + 100, 'a');
-  if (variant == 1) a[v.block_size + 7] = 'X';
+  if (variant == 1) {
+    a[v.block_size + 7] = 'X';
+    a.replace(2 * v.block_size, v.block_size, v.block_size, '\0');  // sent as zeros
+  }
   write(kFixedA, 0, a);
   make(Op::create, kRootFileId, kFixedB, "b", S_IFREG | 0600);
   write(kFixedB, 0, "hello");

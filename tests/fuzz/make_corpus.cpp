@@ -183,6 +183,14 @@ std::vector<Record> sample_records() {
   u.parent = kFixedDir;
   u.name = "ln";
   v.push_back(u);
+  Record punch = record(Op::fallocate, 19, kFixedA);
+  punch.flags = 3;  // FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+  punch.offset = 4096;
+  punch.length = 4096;
+  v.push_back(punch);
+  Record prealloc = record(Op::fallocate, 19, kFixedB);
+  prealloc.length = 8192;
+  v.push_back(prealloc);
   v.push_back(record(Op::fsync, 20, kInvalidFileId));
   return v;
 }

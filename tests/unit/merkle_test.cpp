@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/limits.h>
 #include <linux/falloc.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -340,6 +341,25 @@ TEST(Namespace, MetadataFolderNameIsRefusedOnlyAtTheRoot) {
   to_wire(e, w);
   EXPECT_THROW(from_wire(w.asReader(), /*at_volume_root=*/true), Error);
   EXPECT_EQ(from_wire(w.asReader(), /*at_volume_root=*/false).name, kMetadataDirName);
+}
+
+// List elements may share their bytes: a small message could list millions of xattrs. No more
+// than listxattr(2) can give a master (XATTR_LIST_MAX bytes of names) is taken (found by
+// tests/fuzz/fuzz_namespace: 30 s and 1 GiB for a 200-byte entry).
+TEST(Namespace, EntryWithMoreXattrsThanLinuxCanListIsRefused) {
+  capnp::MallocMessageBuilder mb;
+  auto w = mb.initRoot<wire::NsEntry>();
+  NsEntryInfo e;
+  e.name = "f";
+  e.fid = 0x42;
+  e.mode = S_IFREG | 0644;
+  to_wire(e, w);
+  auto xl = w.initXattrs(XATTR_LIST_MAX / 8 + 1);
+  for (unsigned i = 0; i < xl.size(); i++) xl[i].setName("user.a");  // 7 bytes with the NUL
+  EXPECT_NO_THROW(from_wire(w.asReader(), false));
+  xl = w.initXattrs(XATTR_LIST_MAX / 7 + 1);
+  for (unsigned i = 0; i < xl.size(); i++) xl[i].setName("user.a");
+  EXPECT_THROW(from_wire(w.asReader(), false), Error);
 }
 
 TEST(Merkle, FolderNamedLikeTheMetadataFolderBelowTheRootIsRepaired) {
