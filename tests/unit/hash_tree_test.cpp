@@ -631,8 +631,8 @@ TEST(DirtyLog, NoteTruncate) {
 }
 
 // A fallocate or punch of a huge range (a record may carry 2^62 bytes) is one whole-file entry:
-// noting every extent of it exhausted memory before the kernel was asked (seen while writing
-// tests/fuzz/fuzz_stage_log: a staged blockData with a huge `zeros`, or a fallocate record).
+// noting every extent of it exhausted memory before the kernel was asked (a staged blockData
+// with a huge `zeros`, or a fallocate record: tests/fuzz/fuzz_stage_log, regress-huge-punch-*).
 TEST(DirtyLog, HugeRangeIsLoggedAsTheWholeFile) {
   TempDir dir;
   const uint64_t E = DirtyLog::kExtentSize;
