@@ -4,6 +4,7 @@
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/limits.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <unistd.h>
@@ -265,7 +266,10 @@ void check_copy_entry_sizes(wire::CopyEntry::Reader e) {
   check_field_size(e.getLinkTarget().size(), kMaxPathBytes, "link target", "the upstream", what);
   check_field_size(e.getHardLinkOf().size(), kMaxPathBytes, "hard link path", "the upstream", what);
   check_field_size(e.getChunk().size(), kMaxRecordDataBytes, "chunk", "the upstream", what);
+  size_t listed = 0;  // as namespace.cpp's from_wire: at most what listxattr(2) can list
   for (auto x : e.getXattrs()) {
+    listed += x.getName().size() + 1;
+    check_field_size(listed, XATTR_LIST_MAX, "xattr list", "the upstream", what);
     check_field_size(x.getName().size(), kMaxNameBytes, "xattr name", "the upstream", what);
     check_field_size(x.getValue().size(), kMaxXattrValueBytes, "xattr value", "the upstream", what);
   }

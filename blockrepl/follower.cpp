@@ -233,7 +233,7 @@ void Follower::handshake(Connection& conn) {
   if (msg.which() != wire::Message::WELCOME)
     throw Error("peer " + cfg_.master_address + " does not speak the blockrepl protocol", EPROTO);
   auto w = msg.getWelcome();
-  check_welcome_sizes(w);
+  check_welcome_sizes(w, cfg_.master_address);
   if (w.getProtocolVersion() != kProtocolVersion)
     throw FatalAttachError("master " + cfg_.master_address + " speaks protocol version " +
                            std::to_string(w.getProtocolVersion()) + ", this node speaks " + std::to_string(kProtocolVersion));
@@ -473,11 +473,11 @@ void Follower::stream(Connection& conn) {
   }
 }
 
-void Follower::check_welcome_sizes(wire::Welcome::Reader w) const {
-  check_field_size(w.getNodeId().size(), kMaxIdBytes, "node id", cfg_.master_address, "welcome");
-  check_field_size(w.getClusterId().size(), kMaxIdBytes, "cluster id", cfg_.master_address, "welcome");
-  check_field_size(w.getNotice().size(), kMaxReasonBytes, "notice", cfg_.master_address, "welcome");
-  check_lineage_sizes(w.getLineage(), cfg_.master_address, "welcome");
+void Follower::check_welcome_sizes(wire::Welcome::Reader w, const std::string& peer) {
+  check_field_size(w.getNodeId().size(), kMaxIdBytes, "node id", peer, "welcome");
+  check_field_size(w.getClusterId().size(), kMaxIdBytes, "cluster id", peer, "welcome");
+  check_field_size(w.getNotice().size(), kMaxReasonBytes, "notice", peer, "welcome");
+  check_lineage_sizes(w.getLineage(), peer, "welcome");
 }
 
 void Follower::adopt_lineage(capnp::List<wire::LineageEntry>::Reader in) {

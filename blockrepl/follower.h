@@ -77,6 +77,11 @@ class Follower {
 
   FollowerStatus status();
 
+  // The welcome's variable-length fields within their limits (wire.h), before any is used;
+  // throws Error(EPROTO) naming `peer` (the master) and the field. Static and public for the
+  // fuzz targets (tests/fuzz/fuzz_frame.cpp).
+  static void check_welcome_sizes(wire::Welcome::Reader w, const std::string& peer);
+
   // Compares this replica's hash trees with its master's (deep: rehash both first) over a
   // connection of its own. Throws Error if the master cannot be reached.
   DiffReport verify(bool deep);
@@ -91,8 +96,6 @@ class Follower {
   void apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn applied_upto = 0);
   void stage_batch(Connection& conn, Frame& frame);
   void adopt_lineage(capnp::List<wire::LineageEntry>::Reader lineage);
-  // The welcome's variable-length fields within their limits (wire.h), before any is used.
-  void check_welcome_sizes(wire::Welcome::Reader w) const;
   void commit_stage(Connection& conn, Lsn lsn);
   void finish_stage();  // applies a committed stage and makes it the replica's state
   void send_hello(Connection& conn, wire::Purpose purpose, bool deep);

@@ -913,9 +913,18 @@ std::optional<std::vector<DirtyLog::Entry>> DirtyLog::load() {
 bool DirtyLog::note(FileId fid, uint64_t offset, uint64_t length) {
   if (length == 0) return false;
   uint64_t first = offset >> kExtentShift;
-  uint64_t last = (offset + length - 1) >> kExtentShift;
+  uint64_t last = (std::min(length, UINT64_MAX - offset) + offset - 1) >> kExtentShift;
+  // A range over more extents than a long truncate (a fallocate or punch of a huge range, from
+  // the mount or a peer's record) is logged as the whole file, as note_truncate does: one entry,
+  // not one per extent (2^40 of them for a 2^62-byte range: memory exhausted before the kernel
+  // is even asked).
   bool need = false;
   std::lock_guard lk(mu_);
+  if (last - first >= kMaxTruncateExtents) {
+    auto [it, inserted] = state_.try_emplace(Entry{fid, kWholeFile}, kPending);
+    if (inserted) pending_.push_back(it->first);
+    return it->second != kDurable;
+  }
   for (uint64_t x = first; x <= last; x++) {
     auto [it, inserted] = state_.try_emplace(Entry{fid, x}, kPending);
     if (inserted) pending_.push_back(it->first);

@@ -273,8 +273,9 @@ class DirtyLog {
   // entries as logged, so writes to them need no sync until the next clean point.
   std::optional<std::vector<Entry>> load();
 
-  // Records that [offset, offset+length) of fid is about to change. Returns true if an extent
-  // is not yet durably logged: the caller must sync() before writing.
+  // Records that [offset, offset+length) of fid is about to change (a range over more than
+  // kMaxTruncateExtents extents: the whole file). Returns true if an extent is not yet durably
+  // logged: the caller must sync() before writing.
   bool note(FileId fid, uint64_t offset, uint64_t length);
   // Whether an extent of fid was noted since the last clean point.
   bool logged(FileId fid, uint64_t extent) const;

@@ -240,7 +240,7 @@ DiffReport run_merkle_diff(Connection& conn, int root_fd, HashIndex& hashes, Sta
       }
       std::set<std::string> names;
       for (auto we : l.getEntries()) {
-        NsEntryInfo e = from_wire(we);
+        NsEntryInfo e = from_wire(we, /*at_volume_root=*/path.empty());
         if (!names.insert(e.name).second) throw Error("master sent a listing with a name twice", EPROTO);
         const NsEntryInfo* m = here ? here->find(e.name) : nullptr;
         if (m && m->hash == e.hash) continue;
@@ -589,7 +589,9 @@ void set_metadata(Store& store, int dirfd, const NsEntryInfo& e, const std::stri
   mode.mode = e.mode;
   apply_through(store, mode, t, "chmod " + where);
   // Through the directory: llistxattr on /proc/self/fd/N would list the magic link's own.
-  for (auto& [n, v] : list_xattrs(fd_path(dirfd, e.name.c_str()))) {
+  // (Not a structured binding: clang before 16, which builds the fuzz targets, cannot capture one.)
+  for (auto& listed : list_xattrs(fd_path(dirfd, e.name.c_str()))) {
+    const std::string& n = listed.first;
     bool keep = std::any_of(e.xattrs.begin(), e.xattrs.end(), [&](auto& x) { return x.first == n; });
     if (keep) continue;
     Record rm;
@@ -653,7 +655,7 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
         sl.mtime = {static_cast<time_t>(l.getMtimeSec()), static_cast<long>(l.getMtimeNsec())};
         if (sl.mtime.tv_nsec < 0 || sl.mtime.tv_nsec >= 1000000000L)
           throw Error("stage in " + where_ + " holds a listing with a bad mtime", EPROTO);
-        for (auto e : l.getEntries()) sl.entries.push_back(from_wire(e));
+        for (auto e : l.getEntries()) sl.entries.push_back(from_wire(e, /*at_volume_root=*/sl.path.empty()));
         listings.push_back(std::move(sl));
       }
     }

@@ -72,7 +72,10 @@ std::string join_path(const std::string& dir, const std::string& name);
 
 void to_wire(const NsEntryInfo& e, wire::NsEntry::Builder out);
 // Validates what a peer controls (one path component as name, a hash of 16 bytes); throws Error.
-NsEntryInfo from_wire(wire::NsEntry::Reader in);
+// at_volume_root: the entry is listed in the volume's root directory, where the metadata
+// folder's name is refused; below the root it is an ordinary name (the mount and the Store allow
+// it there, and a master lists it).
+NsEntryInfo from_wire(wire::NsEntry::Reader in, bool at_volume_root = true);
 // 16 bytes <-> Hash128.
 kj::ArrayPtr<const kj::byte> hash_bytes_of(const Hash128& h);
 Hash128 hash_from(capnp::Data::Reader d);

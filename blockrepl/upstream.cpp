@@ -56,6 +56,8 @@ std::vector<LineageEntry> get_lineage(capnp::List<wire::LineageEntry>::Reader in
   return out;
 }
 
+}  // namespace
+
 // Every variable-length field of a hello within its limit, checked before anything of it is used
 // (a hello is accepted before the session's thread exists: only its size is trusted so far).
 void check_hello_sizes(wire::Hello::Reader h, const std::string& peer) {
@@ -65,6 +67,8 @@ void check_hello_sizes(wire::Hello::Reader h, const std::string& peer) {
   check_field_size(h.getListenAddress().size(), kMaxAddressBytes, "listen address", peer, "hello");
   check_lineage_sizes(h.getLineage(), peer, "hello");
 }
+
+namespace {
 
 // Events a flood repeats are logged at most kLinesPerSecond times a second; the next line says
 // how many were not.

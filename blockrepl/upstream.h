@@ -32,6 +32,10 @@ inline constexpr auto kHeartbeatInterval = std::chrono::milliseconds(1000);
 inline constexpr auto kHandshakeDeadline = std::chrono::seconds(10);
 inline constexpr size_t kMaxPendingHandshakes = 64;
 
+// A hello's variable-length fields within their limits (wire.h); throws Error(EPROTO) naming the
+// peer and the field. Public for the fuzz targets (tests/fuzz/fuzz_frame.cpp).
+void check_hello_sizes(wire::Hello::Reader h, const std::string& peer);
+
 struct UpstreamConfig {
   std::string listen_address;
   AckLevel ack = AckLevel::sync;

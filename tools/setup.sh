@@ -21,6 +21,7 @@ packages=(
   fio sqlite3 libsqlite3-dev                 # I/O and database benchmarks, SQLite tests
   postgresql postgresql-contrib              # pgbench and PostgreSQL tests
   rsync                                      # re-attach benchmark baseline
+  clang libclang-rt-14-dev libfuzzer-14-dev  # fuzz targets (tests/fuzz, tools/fuzz.sh): libFuzzer, ASan, UBSan need clang
   procps psmisc util-linux iproute2          # pkill, fuser, mountpoint, runuser, ss (tests cut connections)
 )
 missing=()

@@ -630,6 +630,27 @@ TEST(DirtyLog, NoteTruncate) {
   EXPECT_EQ(*reread.load(), want);
 }
 
+// A fallocate or punch of a huge range (a record may carry 2^62 bytes) is one whole-file entry:
+// noting every extent of it exhausted memory before the kernel was asked (a staged blockData
+// with a huge `zeros`, or a fallocate record: tests/fuzz/fuzz_stage_log, regress-huge-punch-*).
+TEST(DirtyLog, HugeRangeIsLoggedAsTheWholeFile) {
+  TempDir dir;
+  const uint64_t E = DirtyLog::kExtentSize;
+  DirtyLog log(dir.fd, dir.path, false);
+  log.load();
+  EXPECT_TRUE(log.note(4, 0, uint64_t{1} << 62));
+  EXPECT_TRUE(log.note(5, 3 * E, 64 * E));          // 64 extents: each one
+  EXPECT_TRUE(log.note(6, UINT64_MAX - 10, 100));   // to the end of the offsets: no wrap-around
+  log.sync();
+  EXPECT_EQ(log.entries(), 1u + 64u + 1u);
+  EXPECT_TRUE(log.logged(4, DirtyLog::kWholeFile));
+  EXPECT_TRUE(log.logged(5, 66));
+  EXPECT_FALSE(log.logged(5, 67));
+  EXPECT_TRUE(log.logged(6, (UINT64_MAX - 10) >> DirtyLog::kExtentShift));
+  DirtyLog reread(dir.fd, dir.path, false);
+  EXPECT_EQ(reread.load()->size(), 66u);
+}
+
 // Writers on several threads: whoever gets false from note() (or returns from its sync()) may
 // write, so by then the extent must be in the file, whichever thread's sync wrote it.
 TEST(DirtyLog, ConcurrentWritersSeeOnlyDurableExtentsAsLogged) {

@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/limits.h>
 #include <linux/falloc.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -352,6 +353,56 @@ TEST(Merkle, NamespaceChangesAndLocalChangesAreRepairedAndApplyIsIdempotent) {
   EXPECT_FALSE(std::filesystem::exists(s.path("d1/local")));
   EXPECT_TRUE(std::filesystem::exists(s.path("d2/sub-moved/c")));
   EXPECT_EQ(r.report.whole_files, 1u) << "only the new file is sent whole";
+}
+
+// Only the volume root holds the metadata folder: below it `.blockrepl` is an ordinary name,
+// which the mount and the Store allow and a master lists. The slave refused every such entry,
+// so every Merkle diff of such a volume failed (found by tests/fuzz/fuzz_namespace).
+TEST(Namespace, MetadataFolderNameIsRefusedOnlyAtTheRoot) {
+  NsEntryInfo e;
+  e.name = kMetadataDirName;
+  e.fid = 0x42;
+  e.mode = S_IFDIR | 0755;
+  capnp::MallocMessageBuilder mb;
+  auto w = mb.initRoot<wire::NsEntry>();
+  to_wire(e, w);
+  EXPECT_THROW(from_wire(w.asReader(), /*at_volume_root=*/true), Error);
+  EXPECT_EQ(from_wire(w.asReader(), /*at_volume_root=*/false).name, kMetadataDirName);
+}
+
+// List elements may share their bytes: a small message could list millions of xattrs. No more
+// than listxattr(2) can give a master (XATTR_LIST_MAX bytes of names) is taken (found by
+// tests/fuzz/fuzz_namespace: 30 s and 1 GiB for a 200-byte entry).
+TEST(Namespace, EntryWithMoreXattrsThanLinuxCanListIsRefused) {
+  capnp::MallocMessageBuilder mb;
+  auto w = mb.initRoot<wire::NsEntry>();
+  NsEntryInfo e;
+  e.name = "f";
+  e.fid = 0x42;
+  e.mode = S_IFREG | 0644;
+  to_wire(e, w);
+  auto xl = w.initXattrs(XATTR_LIST_MAX / 8 + 1);
+  for (unsigned i = 0; i < xl.size(); i++) xl[i].setName("user.a");  // 7 bytes with the NUL
+  EXPECT_NO_THROW(from_wire(w.asReader(), false));
+  xl = w.initXattrs(XATTR_LIST_MAX / 7 + 1);
+  for (unsigned i = 0; i < xl.size(); i++) xl[i].setName("user.a");
+  EXPECT_THROW(from_wire(w.asReader(), false), Error);
+}
+
+TEST(Merkle, FolderNamedLikeTheMetadataFolderBelowTheRootIsRepaired) {
+  Volume m, s;
+  FileId d = m.create(kRootFileId, "d", S_IFDIR | 0755);
+  FileId meta_like = m.create(d, kMetadataDirName, S_IFDIR | 0755);
+  FileId f = m.create(meta_like, "f");
+  m.write(f, 0, "first");
+  copy_volume(m, s);
+  m.write(f, 0, "second");
+  FileId g = m.create(meta_like, "g");
+  m.write(g, 0, "new");
+  DiffRun r = merkle(m, s);
+  EXPECT_EQ(tree_listing(m.dir.path), tree_listing(s.dir.path));
+  EXPECT_TRUE(std::filesystem::exists(s.path("d/.blockrepl/g")));
+  EXPECT_EQ(r.report.whole_files, 1u);
 }
 
 TEST(Merkle, StageWithoutCommitIsDiscarded) {
