@@ -8,8 +8,11 @@
 //     (check_hello_sizes, then the attach decision), the welcome (Follower::check_welcome_sizes),
 //     batches (from_wire of every record, and to_wire/from_wire of what it accepted gives the
 //     same record), heartbeats and acks, errors, copyDone, the Merkle messages (paths, NsEntry
-//     from_wire, hashes), authHello/authChallenge/authProof (raw decoding: no code reads them
-//     yet). The first frame is limited to kMaxHelloFrameBytes when byte 0 has bit 2 set.
+//     from_wire, hashes). The first frame is limited to kMaxHelloFrameBytes when byte 0 has
+//     bit 2 set.
+//   role 0 with bit 3 set: the upstream's handshake as its accept thread runs it
+//     (HandshakeResponder with a secret, on a non-blocking socket): authHello, authProof (a
+//     guessed proof is refused), the hello (check_hello_sizes).
 //   role 1: a full copy into an empty volume: CopyReceiver::apply of each copyEntry, finish()
 //     at copyDone. Checked: nothing reaches the metadata folder.
 //   role 2: the slave side of a Merkle diff (run_merkle_diff with a stage) against a fixed
@@ -31,6 +34,7 @@
 #include "blockrepl/copy.h"
 #include "blockrepl/error.h"
 #include "blockrepl/follower.h"
+#include "blockrepl/handshake.h"
 #include "blockrepl/fsutil.h"
 #include "blockrepl/merkle.h"
 #include "blockrepl/namespace.h"
@@ -278,6 +282,20 @@ void run_merkle_master(Connection& conn) {
   }
 }
 
+// Role 0, bit 3: what Upstream's accept thread does with a new connection of a node that has a
+// secret. All the input has arrived, so one advance() takes it as far as it goes.
+void run_handshake(int fd) {
+  static const auto secret = std::make_shared<const Secret>("fuzz-cluster-secret-0123456789");
+  PeerSecurity sec;
+  sec.secret = secret;
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  try {
+    HandshakeResponder h(OwnedFd(fd), kPeer, sec, "fuzz-cluster");
+    if (auto hello = h.advance()) check_hello_sizes(hello->root().getHello(), kPeer);
+  } catch (const std::exception&) {
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -287,6 +305,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const bool hello_limit = data[0] & 4;
   int ours, theirs;
   if (!feed_socket(data + 1, size - 1, &ours, &theirs)) return 0;
+  if (role == 0 && (data[0] & 8)) {
+    run_handshake(ours);  // owns `ours`
+    close(theirs);
+    return 0;
+  }
   {
     Connection conn(ours, kPeer);  // owns `ours`
     switch (role) {
