@@ -770,6 +770,8 @@ Stage::Applied Stage::apply(Store& store, uint32_t block_size) {
       Record rec;
       rec.fid = d.getFid();
       rec.offset = d.getOffset();
+      // Checked when it arrived; a stage damaged on disk since must not ask for more.
+      if (d.getZeros() > kDataChunk) throw Error("the stage in " + where_ + " is damaged: a run of zeros larger than a chunk", EPROTO);
       if (d.getZeros()) {
         // A hole where the master reads zeros (within the file: the size is set below).
         rec.op = Op::fallocate;

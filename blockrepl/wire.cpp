@@ -227,7 +227,11 @@ std::unique_ptr<Frame> Frame::parse(kj::Array<capnp::word> words, const std::str
   auto frame = std::make_unique<Frame>();
   frame->words_ = kj::mv(words);
   capnp::ReaderOptions opts;
-  opts.traversalLimitInWords = kTraversalLimitWords;
+  // The limit counts every word a reader visits: receivers read a message a few times over, but
+  // only lists that share their bytes (which no encoder makes) visit far more than its size.
+  // Scaled to the frame, a small hostile frame cannot make decoding cost 128 MiB of reads.
+  opts.traversalLimitInWords =
+      std::min<uint64_t>(kTraversalLimitWords, std::max<uint64_t>(frame->words_.size() * 8, uint64_t{1} << 20));
   opts.nestingLimit = 16;
   try {
     frame->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(frame->words_.asPtr(), opts);
