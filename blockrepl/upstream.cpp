@@ -108,22 +108,6 @@ class RateLimitedLog {
 // Used by accept threads only: one of each per thread.
 thread_local RateLimitedLog over_cap_log, handshake_failure_log;
 
-// What a hello says, as the plain values the attach decision takes.
-AttachHello hello_of(wire::Hello::Reader h) {
-  AttachHello out;
-  out.protocol_version = h.getProtocolVersion();
-  out.node_id = h.getNodeId();
-  out.cluster_id = h.getClusterId();
-  out.hash_algorithm = h.getHashAlgorithm();
-  out.block_size = h.getBlockSize();
-  out.lineage = get_lineage(h.getLineage());
-  out.durable_lsn = h.getDurableLsn();
-  out.empty = h.getEmpty();
-  out.purpose = h.getPurpose() == wire::Purpose::VERIFY ? AttachHello::Purpose::verify : AttachHello::Purpose::attach;
-  out.discard_my_data = h.getDiscardMyData();
-  out.resync = h.getResync();
-  return out;
-}
 
 wire::AttachMethod wire_method(AttachDecision::Method m) {
   switch (m) {
@@ -604,6 +588,22 @@ std::vector<SlaveStatus> Upstream::slaves() {
     st.encrypted = s->conn->encrypted();
     out.push_back(st);
   }
+  return out;
+}
+
+AttachHello hello_of(wire::Hello::Reader h) {
+  AttachHello out;
+  out.protocol_version = h.getProtocolVersion();
+  out.node_id = h.getNodeId();
+  out.cluster_id = h.getClusterId();
+  out.hash_algorithm = h.getHashAlgorithm();
+  out.block_size = h.getBlockSize();
+  out.lineage = get_lineage(h.getLineage());
+  out.durable_lsn = h.getDurableLsn();
+  out.empty = h.getEmpty();
+  out.purpose = h.getPurpose() == wire::Purpose::VERIFY ? AttachHello::Purpose::verify : AttachHello::Purpose::attach;
+  out.discard_my_data = h.getDiscardMyData();
+  out.resync = h.getResync();
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "blockrepl/attach.h"
 #include "blockrepl/fsutil.h"
 #include "blockrepl/handshake.h"
 #include "blockrepl/journal.h"
@@ -35,6 +36,8 @@ inline constexpr size_t kMaxPendingHandshakes = 64;
 // A hello's variable-length fields within their limits (wire.h); throws Error(EPROTO) naming the
 // peer and the field. Public for the fuzz targets (tests/fuzz/fuzz_frame.cpp).
 void check_hello_sizes(wire::Hello::Reader h, const std::string& peer);
+// What a hello says, as the plain values the attach decision (attach.h) takes.
+AttachHello hello_of(wire::Hello::Reader h);
 
 struct UpstreamConfig {
   std::string listen_address;

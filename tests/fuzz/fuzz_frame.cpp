@@ -71,19 +71,8 @@ void check_record_round_trip(const Record& rec) {
 
 void decode_hello(wire::Hello::Reader h) {
   check_hello_sizes(h, kPeer);
-  // What Upstream's hello_of takes from it, then the attach decision (a pure function).
-  AttachHello a;
-  a.protocol_version = h.getProtocolVersion();
-  a.node_id = h.getNodeId();
-  a.cluster_id = h.getClusterId();
-  a.hash_algorithm = h.getHashAlgorithm();
-  a.block_size = h.getBlockSize();
-  a.lineage = lineage_of(h.getLineage());
-  a.durable_lsn = h.getDurableLsn();
-  a.empty = h.getEmpty();
-  a.purpose = h.getPurpose() == wire::Purpose::VERIFY ? AttachHello::Purpose::verify : AttachHello::Purpose::attach;
-  a.discard_my_data = h.getDiscardMyData();
-  a.resync = h.getResync();
+  // What Upstream takes from it, then the attach decision (a pure function).
+  AttachHello a = hello_of(h);
   (void)h.getListenAddress();
   (void)h.getAckLevel();
   AttachServer s;
