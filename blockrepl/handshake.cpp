@@ -41,7 +41,8 @@ ProofInput proof_input(ProofInput::Role role, const Nonce& down, const Nonce& up
 
 // A downstream node's next frame during authentication: an error from the upstream node is its
 // refusal, which the operator must act on.
-std::unique_ptr<Frame> receive_auth_step(Connection& conn, const std::string& address, int timeout_ms, const char* expecting) {
+std::unique_ptr<Frame> receive_auth_step(Connection& conn, const std::string& address, int timeout_ms,
+                                         wire::Message::Which expected, const char* expected_name) {
   auto frame = conn.receive(timeout_ms);
   if (!frame)
     throw Error("master " + address + " closed the connection during authentication (does it use the same --tls-* options?)",
@@ -52,9 +53,8 @@ std::unique_ptr<Frame> receive_auth_step(Connection& conn, const std::string& ad
     check_field_size(reason.size(), kMaxReasonBytes, "reason", address, "error");
     throw FatalAttachError("master " + address + " refused this node: " + std::string(reason.cStr()), EACCES);
   }
-  if ((std::string(expecting) == "authChallenge" && msg.which() != wire::Message::AUTH_CHALLENGE) ||
-      (std::string(expecting) == "authProof" && msg.which() != wire::Message::AUTH_PROOF))
-    throw FatalAttachError("master " + address + " answered authentication with something other than " + expecting +
+  if (msg.which() != expected)
+    throw FatalAttachError("master " + address + " answered authentication with something other than " + expected_name +
                                " (is it a blockrepl node of protocol " + std::to_string(kProtocolVersion) + "?)",
                            EPROTO);
   return frame;
@@ -73,7 +73,7 @@ void authenticate_to_upstream(Connection& conn, const Secret& secret, const std:
   }
   Nonce up;
   {
-    auto frame = receive_auth_step(conn, address, timeout_ms, "authChallenge");
+    auto frame = receive_auth_step(conn, address, timeout_ms, wire::Message::AUTH_CHALLENGE, "authChallenge");
     if (!copy_exact(frame->root().getAuthChallenge().getNonce(), up))
       throw Error("master " + address + " sent a malformed authChallenge (nonce of the wrong size)", EPROTO);
   }
@@ -85,7 +85,7 @@ void authenticate_to_upstream(Connection& conn, const Secret& secret, const std:
     p.setMac(kj::arrayPtr(mine.data(), mine.size()));
     conn.send(mb);
   }
-  auto frame = receive_auth_step(conn, address, timeout_ms, "authProof");
+  auto frame = receive_auth_step(conn, address, timeout_ms, wire::Message::AUTH_PROOF, "authProof");
   auto proof = frame->root().getAuthProof();
   check_field_size(proof.getClusterId().size(), kMaxIdBytes, "cluster id", address, "authProof");
   const std::string their_cluster = proof.getClusterId();

@@ -136,10 +136,9 @@ thread_local std::string last_refusal;
 }  // namespace
 
 int Store::refused_by_policy(const Record& rec) {
-  last_refusal.clear();
+  last_refusal.clear();  // check_record sets it only for a refusal
   const int err = check_record(rec, &last_refusal);
   if (err) LOG_INFO("refused %s: %s (%s)", rec.describe().c_str(), last_refusal.c_str(), strerror(err));
-  else last_refusal.clear();
   return err;
 }
 

@@ -67,39 +67,11 @@ bool has_root_only_ancestor(const std::string& path) {
   }
 }
 
-// Runs fn in a child process as nobody:nogroup (no supplementary groups); returns what fn
-// returned (an errno, or 0), or -1 if the child could not drop its privileges.
-int as_nobody(const std::function<int()>& fn) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    if (setgroups(0, nullptr) != 0 || setresgid(kNogroup, kNogroup, kNogroup) != 0 ||
-        setresuid(kNobody, kNobody, kNobody) != 0)
-      _exit(255);
-    _exit(fn() & 0xff);
-  }
-  int status = 0;
-  if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
-  return WEXITSTATUS(status) == 255 ? -1 : WEXITSTATUS(status);
-}
+// Runs fn in a child process as nobody:nogroup (harness.h as_user).
+int as_nobody(const std::function<int()>& fn) { return as_user(kNobody, kNogroup, fn); }
 
 int errno_of(int rc) { return rc < 0 ? errno : 0; }
 
-int open_errno(const std::string& path, int flags) {
-  int fd = open(path.c_str(), flags | O_CLOEXEC);
-  if (fd < 0) return errno;
-  close(fd);
-  return 0;
-}
-
-// execv's errno (the child's stdout and stderr go nowhere); 0 if the program ran.
-int exec_errno(const std::string& path) {
-  int null = open("/dev/null", O_WRONLY);
-  dup2(null, 1);
-  dup2(null, 2);
-  char* const argv[] = {const_cast<char*>(path.c_str()), const_cast<char*>("-u"), nullptr};
-  execv(path.c_str(), argv);
-  return errno;
-}
 
 // The master, as root through its mount: a set-uid-root copy of id(1) and a /dev/null-like
 // device node anyone may open (what the fake master left on its slave).
@@ -129,7 +101,7 @@ void expect_unreachable_for_nobody(const Node& s, const std::string& suffix) {
   SCOPED_TRACE("backing directory " + s.data + ", suffix '" + suffix + "'");
   struct stat st;
   EXPECT_EQ(as_nobody([&] { return errno_of(lstat(id.c_str(), &st)); }), EACCES) << "nobody can see the set-id file";
-  EXPECT_EQ(as_nobody([&] { return exec_errno(id); }), EACCES) << "nobody ran the set-uid-root file";
+  EXPECT_EQ(as_nobody([&] { return exec_errno(id, "-u"); }), EACCES) << "nobody ran the set-uid-root file";
   EXPECT_EQ(as_nobody([&] { return open_errno(dev, O_RDWR); }), EACCES) << "nobody opened the device node";
 }
 

@@ -1,6 +1,9 @@
 // Shared helpers for integration tests: temporary directories, running the blockrepl command,
 // and RAII mounts that are always unmounted, also when a test fails.
 #pragma once
+#include <sys/types.h>
+
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
@@ -84,5 +87,15 @@ std::set<std::string> list_dir(const std::string& path);
 
 // A loopback TCP port that is free now, distinct per process and call.
 int free_port();
+
+// What an unprivileged local user can do (security tests). as_user runs fn in a child process as
+// uid:gid without supplementary groups and returns fn's result (an errno, or 0), or -1 when the
+// child could not drop its privileges.
+int as_user(uid_t uid, gid_t gid, const std::function<int()>& fn);
+// open(path, flags)'s errno (0: it opened; the descriptor is closed at once).
+int open_errno(const std::string& path, int flags);
+// execv(path, {path, arg})'s errno, for a child made by as_user (when the program runs, it
+// replaces the child and exits with its own status). Its output goes to /dev/null.
+int exec_errno(const std::string& path, const std::string& arg);
 
 }  // namespace blockrepl::test

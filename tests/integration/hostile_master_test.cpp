@@ -75,34 +75,6 @@ size_t count_lines_with_all(const std::string& text, const std::vector<std::stri
   return n;
 }
 
-// Runs fn in a child as uid:gid (no supplementary groups); fn's result (an errno or 0), or -1
-// when the child could not drop its privileges.
-int as_user(uid_t uid, gid_t gid, const std::function<int()>& fn) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    if (setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0) _exit(255);
-    _exit(fn() & 0xff);
-  }
-  int status = 0;
-  if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
-  return WEXITSTATUS(status) == 255 ? -1 : WEXITSTATUS(status);
-}
-
-int open_errno(const std::string& path, int flags) {
-  int fd = open(path.c_str(), flags | O_CLOEXEC, 0644);
-  if (fd < 0) return errno;
-  close(fd);
-  return 0;
-}
-
-int exec_errno(const std::string& path) {
-  int null = open("/dev/null", O_WRONLY);
-  dup2(null, 1);
-  dup2(null, 2);
-  char* const argv[] = {const_cast<char*>(path.c_str()), const_cast<char*>("/dev/null"), nullptr};
-  execv(path.c_str(), argv);
-  return errno;
-}
 
 // What /etc looks like: each name with its type, mode, owner, size and mtime, /etc's own mode and
 // xattrs, and the contents of a few files a write through a symlink would aim at.
@@ -705,7 +677,7 @@ TEST(HostileMaster, StolenSecretStreamAttacksAreRefusedOrHarmless) {
     SCOPED_TRACE("as uid " + std::to_string(uid));
     EXPECT_EQ(as_user(uid, uid, [&] { return open_errno(data + "/blk-254", O_RDWR); }), EACCES);
     EXPECT_EQ(as_user(uid, uid, [&] { return open_errno(data + "/chr-254", O_RDWR); }), EACCES);
-    EXPECT_EQ(as_user(uid, uid, [&] { return exec_errno(data + "/suid-cat"); }), EACCES);
+    EXPECT_EQ(as_user(uid, uid, [&] { return exec_errno(data + "/suid-cat", "/dev/null"); }), EACCES);
     EXPECT_EQ(as_user(uid, uid, [&] { return open_errno(data + "/planted-by-nobody", O_WRONLY | O_CREAT); }), EACCES)
         << "the 0777 root let an unprivileged user write into the backing directory";
     // ... and through the mount (nosuid,nodev, read-only): no device opens, root's included,

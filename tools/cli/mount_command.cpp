@@ -128,7 +128,7 @@ int run_mount(const MountOptions& opts) {
   }
   // A listener others can reach serves the volume to whoever connects unless peers must prove
   // the secret.
-  if (!given.listen_address.empty() && !opts.security.secret_file.size() && !opts.security.insecure &&
+  if (!given.listen_address.empty() && opts.security.secret_file.empty() && !opts.security.insecure &&
       !is_loopback_address(given.listen_address)) {
     fprintf(stderr,
             "blockrepl: --listen %s is reachable from other hosts and no --secret-file is given: anyone who connects could "
