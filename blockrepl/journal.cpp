@@ -30,7 +30,16 @@ void Journal::on_reset(Lsn lsn) {
   space_cv_.notify_all();
 }
 
-void Journal::on_record(const Record& rec) {
+void Journal::on_record(const Record& rec) { store(rec, true); }
+
+void Journal::on_record_pushed(const Record& rec) { store(rec, false); }
+
+void Journal::wake_readers() {
+  { std::lock_guard lk(mu_); }  // a reader between its check and its wait cannot miss this
+  new_record_cv_.notify_all();
+}
+
+void Journal::store(const Record& rec, bool wake) {
   auto copy = std::make_shared<Record>(rec);
   copy->own_data();
   size_t cost = record_cost(*copy);
@@ -39,7 +48,7 @@ void Journal::on_record(const Record& rec) {
   records_.push_back(std::move(copy));
   bytes_ += cost;
   last_lsn_ = rec.lsn;
-  new_record_cv_.notify_all();
+  if (wake) new_record_cv_.notify_all();
   evict_locked();
   // Back-pressure: a reader that lags by more than the in-flight bound holds up writers, for at
   // most the stall timeout; then it is cut off so the writers carry on.
@@ -142,6 +151,12 @@ bool Journal::read(const std::shared_ptr<Reader>& reader, std::vector<RecordPtr>
   }
   evict_locked();
   return true;
+}
+
+bool Journal::wait(const std::shared_ptr<Reader>& reader, std::chrono::milliseconds timeout) {
+  std::unique_lock lk(mu_);
+  new_record_cv_.wait_for(lk, timeout, [&] { return closed_ || reader->cut_off || last_lsn_ > reader->taken; });
+  return !closed_ && !reader->cut_off;
 }
 
 bool Journal::covers(Lsn lsn) {

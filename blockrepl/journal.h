@@ -29,6 +29,10 @@ class Journal : public RecordSink {
   ~Journal() override;
 
   void on_record(const Record& rec) override;
+  // Stored like any record, without waking the readers (the publisher pushes it: record_sink.h).
+  void on_record_pushed(const Record& rec) override;
+  // Wakes the readers waiting in wait() or read() (a pusher could not take a record to them).
+  void wake_readers();
   // Back-pressure: a reader that lags by more than the in-flight bound holds up writers, here,
   // before they take the node's ordering lock, for at most the stall timeout.
   void wait_for_room() override;
@@ -53,6 +57,10 @@ class Journal : public RecordSink {
   // off or the journal closed.
   bool read(const std::shared_ptr<Reader>& reader, std::vector<RecordPtr>& out, size_t max_bytes,
             std::chrono::milliseconds timeout);
+  // Waits up to `timeout` until there are records after reader->taken, without taking them (a
+  // sender then takes them under its send lock, which a pusher may hold meanwhile). Returns
+  // false if the reader was cut off or the journal closed.
+  bool wait(const std::shared_ptr<Reader>& reader, std::chrono::milliseconds timeout);
 
   // Whether a reader could resume after `lsn` (the journal holds every record after it).
   bool covers(Lsn lsn);
@@ -65,6 +73,7 @@ class Journal : public RecordSink {
   void close();
 
  private:
+  void store(const Record& rec, bool wake);
   void evict_locked();
   size_t record_cost(const Record& r) const { return sizeof(Record) + r.data.size() + r.name.size() + r.name2.size(); }
 

@@ -1,14 +1,16 @@
 #include "blockrepl/node.h"
-#include "blockrepl/trace.h"
+
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <fcntl.h>
 #include <unistd.h>
 
 #include "blockrepl/error.h"
 #include "blockrepl/file_id.h"
 #include "blockrepl/log.h"
+#include "blockrepl/trace.h"
 
 namespace blockrepl {
 
@@ -106,7 +108,10 @@ int Node::submit(Record& rec, const Targets& t) {
     return 0;
   }
   for (RecordSink* s : sinks_) s->wait_for_room();
-  std::lock_guard lk(order_mu_);
+  // Applied outside the ordering lock, beside changes to other files (apply_gate.h says why
+  // that replays to the same state); published under it. The pass is held until the record is
+  // published, so a conflicting change applied after this one is also published after it.
+  ApplyGate::Pass pass = gate_.enter(rec);
   Stamps stamps;
   int err;
   {
@@ -118,40 +123,66 @@ int Node::submit(Record& rec, const Targets& t) {
     Record part = rec;
     part.data = rec.data.substr(0, stamps.written);
     stamp(part, stamps);
-    part.lsn = next_lsn_locked();
-    for (RecordSink* s : sinks_) s->on_record(part);
-    last_lsn_.store(part.lsn, std::memory_order_release);
+    publish(part);
     return err;
   }
   if (err) return err;
   stamp(rec, stamps);
-  rec.lsn = next_lsn_locked();
-  for (RecordSink* s : sinks_) s->on_record(rec);
-  last_lsn_.store(rec.lsn, std::memory_order_release);
+  publish(rec);
   return 0;
 }
 
+void Node::publish(Record& rec) {
+  std::lock_guard lk(order_mu_);
+  rec.lsn = next_lsn_locked();
+  for (RecordSink* s : sinks_) s->on_record(rec);
+  last_lsn_.store(rec.lsn, std::memory_order_release);
+}
+
 int Node::barrier(Record& rec, const Targets& t) {
-  std::function<int(Lsn)> waiter;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool answered = false;
+  int result = 0;
+  barrier_async(rec, t, [&](int err) {
+    std::lock_guard lk(mu);
+    result = err;
+    answered = true;
+    cv.notify_one();
+  });
+  std::unique_lock lk(mu);
+  cv.wait(lk, [&] { return answered; });
+  return result;
+}
+
+void Node::barrier_async(Record& rec, const Targets& t, BarrierDone done) {
+  BarrierWaiter waiter;
+  std::function<void(Lsn)> pusher;
   for (RecordSink* s : sinks_) s->wait_for_room();
   {
     std::lock_guard lk(order_mu_);
     rec.lsn = next_lsn_locked();
-    for (RecordSink* s : sinks_) s->on_record(rec);
+    pusher = barrier_pusher_;
+    for (RecordSink* s : sinks_) pusher ? s->on_record_pushed(rec) : s->on_record(rec);
     last_lsn_.store(rec.lsn, std::memory_order_release);
     waiter = barrier_waiter_;
   }
+  if (pusher) pusher(rec.lsn);
   // The record is already on its way to the slaves: local and remote durability overlap.
-  int err, remote = 0;
+  int err;
   {
     TraceTimer timer(TraceStage::master_flush);
     err = store_.apply(rec, t);
   }
-  if (waiter) {
-    TraceTimer timer(TraceStage::master_wait_slaves);
-    remote = waiter(rec.lsn);
-  }
-  return err ? err : remote;
+  if (!waiter) return done(err);
+  const auto flushed = Trace::on() ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  // A local failure wins over the slaves' answer, but the barrier still waits for them: what
+  // the caller hears last is the whole story.
+  waiter(rec.lsn, [err, flushed, done = std::move(done)](int remote) {
+    if (flushed != std::chrono::steady_clock::time_point{})
+      Trace::add(TraceStage::master_wait_slaves, std::chrono::steady_clock::now() - flushed);
+    done(err ? err : remote);
+  });
 }
 
 int Node::apply_received(const Record& rec, bool replay) {
@@ -166,9 +197,10 @@ int Node::apply_received(const Record& rec, bool replay) {
   return 0;
 }
 
-void Node::set_barrier_waiter(std::function<int(Lsn)> waiter) {
+void Node::set_barrier_waiter(BarrierWaiter waiter, std::function<void(Lsn)> pusher) {
   std::lock_guard lk(order_mu_);
   barrier_waiter_ = std::move(waiter);
+  barrier_pusher_ = std::move(pusher);
 }
 
 void Node::close_clean() {

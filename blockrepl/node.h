@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "blockrepl/apply_gate.h"
 #include "blockrepl/metadata.h"
 #include "blockrepl/record.h"
 #include "blockrepl/record_sink.h"
@@ -24,13 +25,20 @@ class Node {
   Node& operator=(const Node&) = delete;
 
   // Applies a change made here and, if it succeeded, gives it the next LSN and publishes it.
-  // Changes are serialised so that the order applied here is the LSN order slaves replay.
+  // Changes to different files are applied in parallel, others one at a time (ApplyGate), so
+  // that replaying them in LSN order gives the state they left here.
   // Returns 0 or the errno of the backing file system.
   int submit(Record& rec, const Targets& t = {});
 
   // A durability point (fsync, fdatasync, syncfs): published in order, then made durable
   // outside the ordering lock so that other writers are not held up by the disk.
   int barrier(Record& rec, const Targets& t = {});
+  // The same, answering through `done` (0 or an errno): the local flush happens on this thread
+  // before it returns; `done` runs here too, or later on the thread that receives the slaves'
+  // acknowledgement the ack level needs (the FUSE layer replies from there: one thread wake-up
+  // less per barrier than waking this one to reply).
+  using BarrierDone = std::function<void(int)>;
+  void barrier_async(Record& rec, const Targets& t, BarrierDone done);
 
   // A slave: applies a record received from upstream with the same store (keeping its LSN) and
   // publishes it to this node's sinks (its own slaves). `replay` applies it tolerantly (see
@@ -42,8 +50,13 @@ class Node {
   void reset_history(Lsn lsn);
 
   // Called by barrier() once the barrier is durable here, to wait for the slaves the ack level
-  // names; returns 0 or an errno (EIO when too few slaves confirmed in time).
-  void set_barrier_waiter(std::function<int(Lsn)> waiter);
+  // names: calls its `done` with 0 or an errno (EIO when too few slaves confirmed in time), on
+  // its own thread or later on another (Upstream::when_confirmed). `pusher`, if
+  // given, is called right after the barrier record is published and before the local flush,
+  // to send it to the slaves from the barrier's own thread (Upstream::push): the remote flush
+  // then starts without waiting for a sender thread to wake up.
+  using BarrierWaiter = std::function<void(Lsn, BarrierDone)>;
+  void set_barrier_waiter(BarrierWaiter waiter, std::function<void(Lsn)> pusher = nullptr);
 
   // A clean shutdown: the next start continues right after the last LSN used (so slaves that
   // hold everything can keep streaming) instead of skipping past the reservation.
@@ -63,6 +76,8 @@ class Node {
 
  private:
   Lsn next_lsn_locked();
+  // Gives an applied change the next LSN and hands it to the sinks, under the ordering lock.
+  void publish(Record& rec);
   static void stamp(Record& rec, const Stamps& s);
 
   std::string data_path_;
@@ -71,11 +86,13 @@ class Node {
   mutable std::mutex identity_mu_;
   Identity identity_;
   Store store_;
+  ApplyGate gate_;  // which of the master's changes may be applied at the same time
   std::mutex order_mu_;
   std::atomic<Lsn> last_lsn_{0};
   std::vector<RecordSink*> sinks_;  // add sinks before serving: see submit()
   std::atomic<bool> has_sinks_{false};
-  std::function<int(Lsn)> barrier_waiter_;
+  BarrierWaiter barrier_waiter_;
+  std::function<void(Lsn)> barrier_pusher_;
   // LSNs are reserved on disk in chunks so that a restarted node never reuses one, without a
   // disk write per record.
   static constexpr Lsn kLsnChunk = Lsn{1} << 24;

@@ -11,6 +11,10 @@ class RecordSink {
   // Called with each applied record in LSN order, under the node's ordering lock: keep it short
   // (copy what must outlive the call; never block on the network).
   virtual void on_record(const Record& rec) = 0;
+  // The same, for a record whose publisher sends it to the slaves itself right after the call
+  // (a master's barrier: Node::barrier with a pusher). A sink may skip waking the threads that
+  // would send it; the pusher wakes them if it could not (Upstream::push).
+  virtual void on_record_pushed(const Record& rec) { on_record(rec); }
   // Called before the node takes its ordering lock for a change: a sink that is full makes the
   // writer wait here (back-pressure), never under the lock, so other writers and the barrier
   // path are not held up behind one that waits.

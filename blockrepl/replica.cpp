@@ -152,7 +152,12 @@ void Replica::start() {
     listen_fd_ = -1;
     // Barriers made here wait for our slaves only while we are the master: a slave's barriers
     // are its master's, which waits for its own slaves.
-    node_->set_barrier_waiter([this](Lsn lsn) { return writable() ? upstream_->wait_barrier(lsn) : 0; });
+    node_->set_barrier_waiter(
+        [this](Lsn lsn, Node::BarrierDone done) {
+          if (writable()) upstream_->when_confirmed(lsn, std::move(done));
+          else done(0);
+        },
+        [this](Lsn lsn) { upstream_->push(lsn); });
   }
 }
 

@@ -39,6 +39,11 @@ struct Upstream::Session {
   bool probation = false;
   Lsn probation_until = 0;
   std::thread thread;
+  // Whoever sends records holds send_mu: the session's own sender thread, or a barrier's thread
+  // pushing its record (Upstream::push). The reader is set before `streaming`.
+  std::mutex send_mu;
+  std::shared_ptr<Journal::Reader> reader;
+  std::chrono::steady_clock::time_point last_send;  // under send_mu
 };
 
 namespace {
@@ -147,6 +152,7 @@ void Upstream::start(int listen_fd) {
   wake_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!wake_fd_) throw_errno("cannot create the upstream's wake-up eventfd", errno);
   accept_thread_ = std::thread([this] { accept_loop(); });
+  timer_thread_ = std::thread([this] { expire_loop(); });
   LOG_INFO("serving slaves on %s (ack %s)", cfg_.listen_address.c_str(), ack_level_name(cfg_.ack));
 }
 
@@ -173,6 +179,19 @@ void Upstream::stop() {
     finished.swap(finished_);
   }
   for (auto& t : finished) t.join();
+  {
+    std::lock_guard lk(mu_);  // see read_acks: no lost wake-up
+  }
+  timer_cv_.notify_all();
+  if (timer_thread_.joinable()) timer_thread_.join();
+  // No slave is left: what is pending completes as min_sync_slaves says (0 needs none).
+  settle();
+  std::multimap<Lsn, PendingBarrier> left;
+  {
+    std::lock_guard lk(mu_);
+    left.swap(barriers_);
+  }
+  for (auto& [lsn, b] : left) b.done(EIO);
 }
 
 namespace {
@@ -312,8 +331,7 @@ void Upstream::drop(Session& s, const std::string& why) {
     LOG_WARN("slave %s (%s) dropped: %s", s.conn->peer().c_str(), s.node_id.c_str(), why.c_str());
     s.conn->shutdown();
   }
-  { std::lock_guard lk(mu_); }  // see read_acks: no lost wake-ups for waiting barriers
-  ack_cv_.notify_all();
+  settle();  // barriers that waited for it may be confirmed without it
 }
 
 void Upstream::serve(std::shared_ptr<Session> sp, std::unique_ptr<Frame> hello) {
@@ -425,10 +443,10 @@ void Upstream::run_session(std::shared_ptr<Session> sp, std::unique_ptr<Frame> f
         LOG_WARN("slave %s (%s) was dropped for not acknowledging: barriers do not wait for it until it acknowledges lsn %" PRIu64,
                  conn.peer().c_str(), s.node_id.c_str(), s.probation_until);
       }
+      s.reader = reader;
       s.streaming = true;
     }
-    ack_cv_.notify_all();
-    stream(s, reader);
+    stream(s);
   } catch (const std::exception& e) {
     drop(s, e.what());
   }
@@ -438,10 +456,12 @@ void Upstream::run_session(std::shared_ptr<Session> sp, std::unique_ptr<Frame> f
   if (ack_thread.joinable()) ack_thread.join();
 }
 
-void Upstream::stream(Session& s, std::shared_ptr<Journal::Reader> reader) {
-  std::vector<RecordPtr> batch;
-  auto last_send = std::chrono::steady_clock::now();
+void Upstream::stream(Session& s) {
   size_t lineage_sent = node_.identity().lineage.size();
+  {
+    std::lock_guard send(s.send_mu);
+    s.last_send = std::chrono::steady_clock::now();
+  }
   while (!s.dead && !stopping_) {
     // A promotion here started a new lineage: our slaves adopt it, so that they can resume from
     // us (or a sibling on it) by stream later.
@@ -450,32 +470,71 @@ void Upstream::stream(Session& s, std::shared_ptr<Journal::Reader> reader) {
       auto hb = mb.initRoot<wire::Message>().initHeartbeat();
       hb.setLsn(node_.last_lsn());
       set_lineage(hb.initLineage(static_cast<unsigned>(me.lineage.size())), me.lineage);
+      std::lock_guard send(s.send_mu);
       s.conn->send(mb);
       lineage_sent = me.lineage.size();
     }
-    batch.clear();
-    if (!journal_.read(reader, batch, 4u << 20, std::chrono::milliseconds(200))) {
-      if (reader->cut_off) throw Error("it fell too far behind the journal");
+    if (!journal_.wait(s.reader, std::chrono::milliseconds(200))) {
+      if (s.reader->cut_off) throw Error("it fell too far behind the journal");
       return;
     }
+    std::lock_guard send(s.send_mu);
+    const Lsn sent_before = s.sent;
+    if (!send_next(s, 4u << 20)) throw Error("it fell too far behind the journal");
     auto now = std::chrono::steady_clock::now();
-    if (batch.empty()) {
-      if (now - last_send >= kHeartbeatInterval) {
-        capnp::MallocMessageBuilder mb;
-        mb.initRoot<wire::Message>().initHeartbeat().setLsn(node_.last_lsn());
-        s.conn->send(mb);
-        last_send = now;
-      }
+    if (s.sent == sent_before && now - s.last_send >= kHeartbeatInterval) {
+      capnp::MallocMessageBuilder mb;
+      mb.initRoot<wire::Message>().initHeartbeat().setLsn(node_.last_lsn());
+      s.conn->send(mb);
+      s.last_send = now;
+    }
+  }
+}
+
+bool Upstream::send_next(Session& s, size_t max_bytes) {
+  std::vector<RecordPtr> batch;
+  if (!journal_.read(s.reader, batch, max_bytes, std::chrono::milliseconds(0))) return !s.reader->cut_off;
+  if (batch.empty()) return true;
+  TraceTimer timer(TraceStage::master_send);
+  capnp::MallocMessageBuilder mb;
+  auto list = mb.initRoot<wire::Message>().initBatch().initRecords(static_cast<unsigned>(batch.size()));
+  for (unsigned i = 0; i < batch.size(); i++) to_wire(*batch[i], list[i]);
+  s.sent = batch.back()->lsn;  // before sending: the slave may acknowledge before send() returns
+  s.conn->send(mb);
+  s.last_send = std::chrono::steady_clock::now();
+  return true;
+}
+
+void Upstream::push(Lsn lsn) {
+  // At most this much is sent from a barrier's thread; a stream with more to send is busy, and
+  // its sender thread is awake anyway.
+  constexpr size_t kPushMaxBytes = 1u << 20;
+  std::vector<std::shared_ptr<Session>> targets;
+  bool wake = false;
+  {
+    std::lock_guard lk(mu_);
+    for (auto& s : sessions_) {
+      if (s->dead || !s->streaming) continue;
+      // Nothing waits for an async slave or one on probation: their own sender takes it.
+      if (s->level == AckLevel::async || s->probation) wake = true;
+      else targets.push_back(s);
+    }
+  }
+  for (auto& sp : targets) {
+    Session& s = *sp;
+    std::unique_lock send(s.send_mu, std::try_to_lock);
+    if (!send) {
+      wake = true;  // its sender is sending: it looks at the journal again when done
       continue;
     }
-    TraceTimer timer(TraceStage::master_send);
-    capnp::MallocMessageBuilder mb;
-    auto list = mb.initRoot<wire::Message>().initBatch().initRecords(static_cast<unsigned>(batch.size()));
-    for (unsigned i = 0; i < batch.size(); i++) to_wire(*batch[i], list[i]);
-    s.sent = batch.back()->lsn;  // before sending: the slave may acknowledge before send() returns
-    s.conn->send(mb);
-    last_send = now;
+    try {
+      if (!send_next(s, kPushMaxBytes) || s.sent < lsn) wake = true;
+    } catch (const std::exception& e) {
+      send.unlock();
+      drop(s, e.what());
+    }
   }
+  if (wake) journal_.wake_readers();
 }
 
 void Upstream::read_acks(std::shared_ptr<Session> sp) {
@@ -493,7 +552,6 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
           Lsn r = ack.getReceivedLsn(), d = ack.getDurableLsn();
           if (r > s.sent.load() || d > r) throw Error("it acknowledged records it was never sent", EPROTO);
           {
-            // Under the lock, so a barrier between its check and its wait cannot miss this.
             std::lock_guard lk(mu_);
             if (r > s.received) s.received = r;
             if (d > s.durable) s.durable = d;
@@ -503,7 +561,7 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
               LOG_INFO("slave %s (%s) acknowledges again: barriers wait for it", s.conn->peer().c_str(), s.node_id.c_str());
             }
           }
-          ack_cv_.notify_all();
+          settle();  // the barriers this completes get their answer from this thread
           break;
         }
         case wire::Message::ERROR:
@@ -531,42 +589,116 @@ void Upstream::note_silent_locked(const Session& s) {
   if (silent_nodes_.size() < kMaxSilentNodes) silent_nodes_.insert(s.node_id);
 }
 
-int Upstream::wait_barrier(Lsn lsn) {
-  if (cfg_.ack == AckLevel::async && cfg_.min_sync_slaves == 0) return 0;
-  const auto deadline = std::chrono::steady_clock::now() + cfg_.ack_timeout;
-  std::unique_lock lk(mu_);
-  for (;;) {
-    unsigned confirmed = 0;
-    std::vector<std::shared_ptr<Session>> pending, on_probation;
-    for (auto& s : sessions_) {
-      if (s->dead || !s->streaming || s->level == AckLevel::async) continue;
-      Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
-      if (have >= lsn) confirmed++;
-      else (s->probation ? on_probation : pending).push_back(s);
-    }
-    // A slave on probation is waited for only when the barrier needs it to reach
-    // --min-sync-slaves.
-    if (confirmed < cfg_.min_sync_slaves) pending.insert(pending.end(), on_probation.begin(), on_probation.end());
-    if (pending.empty() && confirmed >= cfg_.min_sync_slaves) return 0;
-    if (ack_cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
-      for (auto& s : pending) {
-        Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
-        if (have < lsn) {
-          note_silent_locked(*s);
-          lk.unlock();
-          drop(*s, "no acknowledgement of lsn " + std::to_string(lsn) + " within " +
-                       std::to_string(cfg_.ack_timeout.count()) + " ms");
-          lk.lock();
-        } else {
-          confirmed++;
-        }
+bool Upstream::confirmed_locked(Lsn lsn) const {
+  unsigned confirmed = 0;
+  bool waits = false;
+  for (auto& s : sessions_) {
+    if (s->dead || !s->streaming || s->level == AckLevel::async) continue;
+    Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
+    if (have >= lsn) confirmed++;
+    else if (!s->probation) waits = true;  // one on probation only counts towards the minimum
+  }
+  return !waits && confirmed >= cfg_.min_sync_slaves;
+}
+
+void Upstream::when_confirmed(Lsn lsn, std::function<void(int)> done) {
+  if (cfg_.ack == AckLevel::async && cfg_.min_sync_slaves == 0) return done(0);
+  int result = 0;
+  {
+    std::lock_guard lk(mu_);
+    if (!confirmed_locked(lsn)) {
+      if (stopping_) {
+        result = EIO;  // stopped: no acknowledgement will come and the timer is gone (stop())
+      } else {
+        const bool first = barriers_.empty();
+        barriers_.emplace(lsn, PendingBarrier{std::chrono::steady_clock::now() + cfg_.ack_timeout, std::move(done)});
+        if (first) timer_cv_.notify_one();  // the timer sleeps until the oldest barrier's deadline
+        return;
       }
-      if (confirmed >= cfg_.min_sync_slaves) return 0;
-      LOG_ERROR("barrier at lsn %" PRIu64 ": only %u of the %u required sync slaves confirmed", lsn, confirmed,
-                cfg_.min_sync_slaves);
-      return EIO;
     }
   }
+  done(result);
+}
+
+void Upstream::settle() {
+  std::vector<std::function<void(int)>> ready;
+  {
+    std::lock_guard lk(mu_);
+    // Confirmation is monotonic in the LSN: once one is not confirmed, no later one is.
+    while (!barriers_.empty() && confirmed_locked(barriers_.begin()->first)) {
+      ready.push_back(std::move(barriers_.begin()->second.done));
+      barriers_.erase(barriers_.begin());
+    }
+  }
+  for (auto& done : ready) done(0);
+}
+
+void Upstream::expire_loop() {
+  std::unique_lock lk(mu_);
+  while (!stopping_) {
+    if (barriers_.empty()) {
+      timer_cv_.wait(lk);
+      continue;
+    }
+    // Deadlines follow registration, nearly LSN order: the earliest is among the first few.
+    auto oldest = barriers_.begin();
+    for (auto it = barriers_.begin(); it != barriers_.end(); ++it)
+      if (it->second.deadline < oldest->second.deadline) oldest = it;
+    if (std::chrono::steady_clock::now() < oldest->second.deadline) {
+      timer_cv_.wait_until(lk, oldest->second.deadline);
+      continue;
+    }
+    const Lsn lsn = oldest->first;
+    auto done = std::move(oldest->second.done);
+    barriers_.erase(oldest);
+    const int result = expire_locked(lsn, lk);
+    lk.unlock();
+    done(result);
+    settle();  // the slaves it dropped no longer hold up later barriers
+    lk.lock();
+  }
+}
+
+int Upstream::expire_locked(Lsn lsn, std::unique_lock<std::mutex>& lk) {
+  unsigned confirmed = 0;
+  std::vector<std::shared_ptr<Session>> pending, on_probation;
+  for (auto& s : sessions_) {
+    if (s->dead || !s->streaming || s->level == AckLevel::async) continue;
+    Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
+    if (have >= lsn) confirmed++;
+    else (s->probation ? on_probation : pending).push_back(s);
+  }
+  // A slave on probation is waited for (and dropped for silence) only when the barrier needs it
+  // to reach --min-sync-slaves.
+  if (confirmed < cfg_.min_sync_slaves) pending.insert(pending.end(), on_probation.begin(), on_probation.end());
+  for (auto& s : pending) {
+    note_silent_locked(*s);
+    lk.unlock();
+    drop(*s, "no acknowledgement of lsn " + std::to_string(lsn) + " within " + std::to_string(cfg_.ack_timeout.count()) + " ms");
+    lk.lock();
+  }
+  if (confirmed >= cfg_.min_sync_slaves) return 0;
+  LOG_ERROR("barrier at lsn %" PRIu64 ": only %u of the %u required sync slaves confirmed", lsn, confirmed, cfg_.min_sync_slaves);
+  return EIO;
+}
+
+int Upstream::wait_barrier(Lsn lsn) {
+  struct Answer {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool ready = false;
+    int result = 0;
+  };
+  auto answer = std::make_shared<Answer>();
+  when_confirmed(lsn, [answer](int result) {
+    std::lock_guard lk(answer->mu);
+    answer->result = result;
+    answer->ready = true;
+    answer->cv.notify_one();
+  });
+  std::unique_lock lk(answer->mu);
+  answer->cv.wait(lk, [&] { return answer->ready; });
+  return answer->result;
 }
 
 std::vector<SlaveStatus> Upstream::slaves() {

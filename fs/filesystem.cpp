@@ -769,7 +769,7 @@ void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
 
 // fsync, fdatasync, fsyncdir, syncfs and O_SYNC writes: barriers, always made really durable.
 void sync_inode(fuse_req_t req, Inode& inode, int fd, bool datasync) {
-  TraceTimer timer(TraceStage::master_barrier);  // to the reply (the timer ends after it)
+  const auto started = Trace::on() ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   Impl& fs = impl_of(req);
   Record rec;
   rec.op = Op::fsync;
@@ -788,7 +788,13 @@ void sync_inode(fuse_req_t req, Inode& inode, int fd, bool datasync) {
     // it gets no record (an LSN of its own would collide with the master's next one downstream).
     return (void)fuse_reply_err(req, fs.node.store().apply(rec, t));
   }
-  fuse_reply_err(req, fs.node.barrier(rec, t));
+  // The reply goes out from whichever thread learns that the slaves hold the barrier (often the
+  // one that read their acknowledgement), not from this one woken up to send it.
+  fs.node.barrier_async(rec, t, [req, started](int err) {
+    fuse_reply_err(req, err);
+    if (started != std::chrono::steady_clock::time_point{})
+      Trace::add(TraceStage::master_barrier, std::chrono::steady_clock::now() - started);
+  });
 }
 
 void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
