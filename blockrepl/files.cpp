@@ -238,10 +238,13 @@ FileHandle FileRegistry::handle(FileId fid) {
   return e ? e->handle : FileHandle{};
 }
 
-void FileRegistry::maybe_orphaned(FileId fid, bool pin) {
+void FileRegistry::maybe_orphaned(FileId fid, bool pin, Fd held) {
   std::lock_guard lk(mu_);
   Entry* e = find(fid);
   if (!e || fid == kRootFileId || e->orphan) return;
+  // A descriptor taken before the name went away is what keeps an inode nobody else holds open
+  // alive: without it the inode is gone already and could not be pinned.
+  if (pin && held && !e->path) set_descriptor(*e, e->path, held);
   if (!pin) {
     // Whether or not a name is left, dropping the cached descriptors is right: they reopen by
     // handle if it is, and the space comes back once its users close it if it is not. No need

@@ -86,8 +86,9 @@ class FileRegistry {
   FileHandle handle(FileId fid);
   // fid may have lost its last name. pin: keep it reachable (bounded) so that records naming it
   // still apply (a replica); else only let go of its cached descriptors, so that its space is
-  // freed once its users close it (a master, whose users hold it open themselves).
-  void maybe_orphaned(FileId fid, bool pin);
+  // freed once its users close it (a master, whose users hold it open themselves). `held`: an
+  // O_PATH descriptor of it taken before its name was removed (see hold_for_removal).
+  void maybe_orphaned(FileId fid, bool pin, Fd held = {});
   // The file's last handle on the master closed: if it has no name left, let it go now.
   void release(FileId fid);
   void forget(FileId fid);

@@ -126,13 +126,22 @@ void Follower::after_failed_session(const std::exception& e) {
   if (no_space && !resync_) {
     LOG_WARN("replica %s is out of space: it re-attaches by Merkle diff once the master's state fits", node_.data_path().c_str());
     resync_ = true;
+    resync_why_ = "room on " + node_.data_path() + " for the master's current state (retrying by Merkle diff)";
   }
   if (no_space) reserve_.release();
+  if (apply_failed_ && !no_space && !resync_) {
+    // What the records before it did is on disk; what this one and its neighbours in the batch
+    // left is unknown. Resuming by stream would replay onto that guesswork: compare instead.
+    LOG_WARN("replica %s could not apply a record of its master: it re-attaches by Merkle diff, which repairs what that left",
+             node_.data_path().c_str());
+    resync_ = true;
+    resync_why_ = "a Merkle diff with the master (a record could not be applied)";
+  }
+  apply_failed_ = false;
   drop_uncommitted_stage();
   std::lock_guard lk(status_mu_);
   status_.last_error = e.what();
-  status_.waiting_for = resync_ ? "room on " + node_.data_path() + " for the master's current state (retrying by Merkle diff)"
-                                : "";
+  status_.waiting_for = resync_ ? resync_why_ : "";
 }
 
 // A stage that was not committed is worth nothing once its session ended; its room is better
@@ -612,6 +621,7 @@ void Follower::apply_batch(Connection& conn, wire::Batch::Reader batch, Lsn appl
     } else {
       const bool replay = rec.lsn <= replay_until_;
       if (int err = node_.apply_received(rec, replay)) {
+        apply_failed_ = true;
         throw Error("cannot apply " + rec.describe() + " from master " + cfg_.master_address + " to " + node_.data_path() + ": " +
                         Store::failure_text(err),
                     err);

@@ -120,6 +120,8 @@ class Follower {
   // the one that cannot be applied, so streaming cannot go on. Ask for the Merkle diff, which
   // drops what the master no longer has before it needs room for anything new.
   bool resync_ = false;
+  bool apply_failed_ = false;  // the session ended on a record that could not be applied
+  std::string resync_why_;     // what a resync waits for (status)
   SpaceReserve reserve_;  // given up when the disk fills, taken back once streaming again
   void after_failed_session(const std::exception& e);
   void drop_uncommitted_stage();

@@ -304,8 +304,9 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
     case Op::rmdir: {
       if (t.parent_fd < 0) return ENOENT;
       if (names_hidden_entry(t.parent_fd, rec.name)) return EPERM;
+      Fd held = hold_for_removal(rec.fid);
       if (unlinkat(t.parent_fd, rec.name.c_str(), rec.op == Op::rmdir ? AT_REMOVEDIR : 0) != 0) return errno;
-      maybe_orphaned(rec.fid);
+      maybe_orphaned(rec.fid, held);
       return 0;
     }
     case Op::rename: {
@@ -314,8 +315,9 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
       // A rename over an existing file takes that file's name away.
       const FileId replaced = (rec.flags & RENAME_EXCHANGE) ? kInvalidFileId
                                                              : read_file_id(t.parent2_fd, rec.name2.c_str()).value_or(kInvalidFileId);
+      Fd held = hold_for_removal(replaced);
       if (renameat2(t.parent_fd, rec.name.c_str(), t.parent2_fd, rec.name2.c_str(), rec.flags) != 0) return errno;
-      maybe_orphaned(replaced);
+      maybe_orphaned(replaced, held);
       if (rec.flags & RENAME_WHITEOUT) return apply_whiteout(rec, t.parent_fd);
       return 0;
     }
@@ -384,9 +386,15 @@ int Store::write_direct(int fd, const Record& rec) {
   return err;
 }
 
-void Store::maybe_orphaned(FileId fid) {
+Fd Store::hold_for_removal(FileId fid) {
+  // Only a replica pins files that lose their last name (files.h); a master's users hold theirs.
+  if (!track_files_ || fid == kInvalidFileId || fid == kRootFileId) return {};
+  return files_.path(fid);
+}
+
+void Store::maybe_orphaned(FileId fid, Fd held) {
   if (fid == kInvalidFileId) return;
-  files_.maybe_orphaned(fid, /*pin=*/track_files_);
+  files_.maybe_orphaned(fid, /*pin=*/track_files_, std::move(held));
   if (hashes_) hashes_->maybe_orphaned(fid);
 }
 

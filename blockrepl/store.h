@@ -99,7 +99,10 @@ class Store {
   int skip_replayed(const Record& rec);
   bool names_hidden_entry(int dirfd, const std::string& name) const;
   // fid may have lost its last name: the tables holding descriptors of it let go in time.
-  void maybe_orphaned(FileId fid);
+  void maybe_orphaned(FileId fid, Fd held = {});
+  // On a replica, an O_PATH descriptor of a file about to lose a name (unlink, rename over it):
+  // if that was its last name, it keeps the inode alive to be pinned (maybe_orphaned).
+  Fd hold_for_removal(FileId fid);
   FileId entry_fid(FileId dir, const std::string& name);
 
   int root_fd_;

@@ -34,6 +34,9 @@ struct Upstream::Session {
   std::atomic<bool> streaming{false};
   std::atomic<bool> dead{false};
   std::atomic<Lsn> sent{0}, received{0}, durable{0};
+  // When its acknowledgements last moved forward (under mu_): a slave that keeps acknowledging
+  // more is slow (a long burst on a slow link), not gone.
+  std::chrono::steady_clock::time_point last_progress;
   // Dropped for silence before: barriers do not wait for it until it acknowledges
   // probation_until (under mu_).
   bool probation = false;
@@ -444,6 +447,7 @@ void Upstream::run_session(std::shared_ptr<Session> sp, std::unique_ptr<Frame> f
                  conn.peer().c_str(), s.node_id.c_str(), s.probation_until);
       }
       s.reader = reader;
+      s.last_progress = std::chrono::steady_clock::now();
       s.streaming = true;
     }
     stream(s);
@@ -553,6 +557,7 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
           if (r > s.sent.load() || d > r) throw Error("it acknowledged records it was never sent", EPROTO);
           {
             std::lock_guard lk(mu_);
+            if (r > s.received || d > s.durable) s.last_progress = std::chrono::steady_clock::now();
             if (r > s.received) s.received = r;
             if (d > s.durable) s.durable = d;
             if (s.probation && (s.level == AckLevel::sync ? d : r) >= s.probation_until) {
@@ -649,17 +654,23 @@ void Upstream::expire_loop() {
       continue;
     }
     const Lsn lsn = oldest->first;
-    auto done = std::move(oldest->second.done);
+    PendingBarrier barrier = std::move(oldest->second);
     barriers_.erase(oldest);
-    const int result = expire_locked(lsn, lk);
-    lk.unlock();
-    done(result);
-    settle();  // the slaves it dropped no longer hold up later barriers
+    const std::optional<int> result = expire_locked(lsn, barrier.deadline, lk);
+    if (result) {
+      lk.unlock();
+      barrier.done(*result);
+    } else {
+      barriers_.emplace(lsn, std::move(barrier));  // waits on for slaves still making progress
+      lk.unlock();
+    }
+    settle();  // the slaves it dropped no longer hold up later barriers (nor this one)
     lk.lock();
   }
 }
 
-int Upstream::expire_locked(Lsn lsn, std::unique_lock<std::mutex>& lk) {
+std::optional<int> Upstream::expire_locked(Lsn lsn, std::chrono::steady_clock::time_point& deadline,
+                                           std::unique_lock<std::mutex>& lk) {
   unsigned confirmed = 0;
   std::vector<std::shared_ptr<Session>> pending, on_probation;
   for (auto& s : sessions_) {
@@ -671,12 +682,23 @@ int Upstream::expire_locked(Lsn lsn, std::unique_lock<std::mutex>& lk) {
   // A slave on probation is waited for (and dropped for silence) only when the barrier needs it
   // to reach --min-sync-slaves.
   if (confirmed < cfg_.min_sync_slaves) pending.insert(pending.end(), on_probation.begin(), on_probation.end());
+  // The ack timeout is silence, not the barrier's age: a slave whose acknowledgements moved
+  // within it is still taking a long burst (100 Mbit/s moves 60 MiB in 5 s) and is waited for.
+  const auto now = std::chrono::steady_clock::now();
+  bool waits_on = false;
   for (auto& s : pending) {
+    if (now - s->last_progress < cfg_.ack_timeout) {
+      deadline = waits_on ? std::min(deadline, s->last_progress + cfg_.ack_timeout) : s->last_progress + cfg_.ack_timeout;
+      waits_on = true;
+      continue;
+    }
     note_silent_locked(*s);
     lk.unlock();
-    drop(*s, "no acknowledgement of lsn " + std::to_string(lsn) + " within " + std::to_string(cfg_.ack_timeout.count()) + " ms");
+    drop(*s, "no acknowledgement of lsn " + std::to_string(lsn) + " within " + std::to_string(cfg_.ack_timeout.count()) +
+                 " ms (and no progress for as long)");
     lk.lock();
   }
+  if (waits_on) return std::nullopt;
   if (confirmed >= cfg_.min_sync_slaves) return 0;
   LOG_ERROR("barrier at lsn %" PRIu64 ": only %u of the %u required sync slaves confirmed", lsn, confirmed, cfg_.min_sync_slaves);
   return EIO;

@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -74,8 +75,8 @@ class Upstream {
 
   // Calls `done` once the slaves the ack level names hold `lsn` (received or durable): at once
   // on this thread if they do, else on the thread that receives the acknowledgement that
-  // completes it (so that no thread is woken just to pass the news on). Slaves that do not
-  // answer within the ack timeout are dropped; `done` gets 0, or EIO when fewer than
+  // completes it (so that no thread is woken just to pass the news on). Slaves that let it wait
+  // for the ack timeout without acknowledging anything more in that time are dropped; `done` gets 0, or EIO when fewer than
   // min_sync_slaves confirmed.
   void when_confirmed(Lsn lsn, std::function<void(int)> done);
   // The same, waiting for it.
@@ -125,8 +126,11 @@ class Upstream {
   void settle();
   // The barrier timer's thread: fails or completes barriers past their ack timeout.
   void expire_loop();
-  // A barrier past its deadline: drops the slaves it still waits for; 0 or EIO.
-  int expire_locked(Lsn lsn, std::unique_lock<std::mutex>& lk);
+  // A barrier past its deadline: drops the slaves it still waits for that made no progress
+  // within the ack timeout and answers 0 or EIO; or, while some still make progress, moves the
+  // deadline and answers nothing.
+  std::optional<int> expire_locked(Lsn lsn, std::chrono::steady_clock::time_point& deadline,
+                                   std::unique_lock<std::mutex>& lk);
 
   Node& node_;
   Journal& journal_;

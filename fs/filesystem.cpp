@@ -472,7 +472,20 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
   Impl& fs = impl_of(req);
   Inode& inode = inode_of(req, ino);
   Fd ifd = path_of(fs, inode);
-  if (!ifd) return (void)fuse_reply_err(req, errno);
+  if (!ifd) {
+    // The kernel writes back the times of a file whose last name went and whose last handle
+    // closed (syncfs, eviction). The file is gone here and on every replica; nobody can read
+    // those times, and failing would fail the caller's syncfs: accept them.
+    constexpr int kTimes = FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+                           FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME;
+    if (errno == ENOENT && !fi && (valid & ~kTimes) == 0) {
+      struct stat st = *attr;
+      st.st_mode = inode.mode.load(std::memory_order_relaxed);
+      st.st_nlink = 0;
+      return (void)fuse_reply_attr(req, &st, 0);
+    }
+    return (void)fuse_reply_err(req, errno);
+  }
   Targets t;
   t.path_fd = ifd.get();
   if (fi) t.fd = static_cast<int>(fi->fh);

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <filesystem>
+#include <cstdio>
 #include <fstream>
 #include <netinet/in.h>
 #include <poll.h>
@@ -46,6 +47,11 @@ TempDir::~TempDir() {
   while (in >> dev >> mnt && std::getline(in, rest))
     if (mnt.rfind(path_ + "/", 0) == 0) left.push_back(mnt);
   for (auto& m : left) run_command({"fusermount3", "-u", "-z", m}, 30);
+  // BLOCKREPL_KEEP_TMP=1 keeps a test's directories (logs, backing directories) to look at.
+  if (const char* keep = getenv("BLOCKREPL_KEEP_TMP"); keep && *keep && *keep != '0') {
+    std::fprintf(stderr, "[ kept ] %s\n", path_.c_str());
+    return;
+  }
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
 }

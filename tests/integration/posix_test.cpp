@@ -305,6 +305,23 @@ TEST_F(PosixFs, FsyncFdatasyncAndFsyncdirReturnZero) {
   EXPECT_EQ(syncfs(fd), 0) << "syncfs: expected 0, got errno " << errname(errno);
 }
 
+// The kernel writes back the times of a file that was renamed over after its last close; the
+// daemon cannot find that file any more, and syncfs must still succeed (it failed with ENOENT).
+TEST_F(PosixFs, SyncfsAfterAWrittenFileWasRenamedOverSucceeds) {
+  {
+    Fd a(open_or_throw(m("a"), O_CREAT | O_RDWR));
+    pwrite_all(a, std::string(100, 'x'), 0);
+  }
+  {
+    Fd b(open_or_throw(m("b"), O_CREAT | O_RDWR));
+    pwrite_all(b, "y", 0);
+  }
+  ASSERT_EQ(rename(m("b").c_str(), m("a").c_str()), 0) << errname(errno);
+  Fd root(open_or_throw(mnt_, O_RDONLY | O_DIRECTORY));
+  EXPECT_EQ(syncfs(root), 0) << "syncfs: expected 0, got errno " << errname(errno);
+  EXPECT_EQ(read_file(b("a")), "y");
+}
+
 // The return value cannot show an ENOSYS answer: the kernel turns it into 0 and stops sending
 // fsync/fsyncdir for good. So this test traces the FUSE requests (--fuse-debug, libfuse 3.14's
 // "unique: N, opcode: FSYNCDIR (30)" / "unique: N, success" lines) and checks that every call

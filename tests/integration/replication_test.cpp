@@ -1676,6 +1676,42 @@ TEST(ReplicationFullDisk, DeletedFilesFreeTheirSpaceOnMasterAndSlaveOnceClosed) 
   EXPECT_SAME_TREE(m, s);
 }
 
+// A file renamed over (or unlinked) while open on the master keeps taking writes there; the
+// slave must pin it although it holds no descriptor of it (here: the slave was restarted since
+// it last touched the file). It used to lose the inode with its name and fail the next record
+// naming it ("cannot apply ... No such file or directory"), found by the exerciser.
+TEST(ReplicationRelease, FileReplacedWhileOpenKeepsTakingWritesOnASlaveThatHeldNoDescriptor) {
+  Cluster c("repl-pin");
+  Node& m = c.add_master({"--ack", "sync"});
+  ASSERT_TRUE(m.ok());
+  Node& s = c.add_slave(m);
+  ASSERT_TRUE(s.ok());
+  ASSERT_EQ(write_and_fsync(m.file("victim"), repl::random_bytes(1, 64 << 10)), 0);
+  ASSERT_EQ(write_and_fsync(m.file("doomed"), repl::random_bytes(2, 64 << 10)), 0);
+  EXPECT_SYNCED(m, s.mnt);
+  c.unmount(s);
+  ASSERT_TRUE(c.mount(s));
+  EXPECT_SYNCED(m, s.mnt);
+  int victim = open(m.file("victim").c_str(), O_RDWR | O_CLOEXEC);
+  int doomed = open(m.file("doomed").c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(victim, 0);
+  ASSERT_GE(doomed, 0);
+  ASSERT_EQ(write_and_fsync(m.file("new"), "replacement"), 0);
+  ASSERT_EQ(rename(m.file("new").c_str(), m.file("victim").c_str()), 0);
+  ASSERT_EQ(unlink(m.file("doomed").c_str()), 0);
+  repl::pwrite_all(victim, repl::random_bytes(3, 8192), 4096);
+  ASSERT_EQ(fsync(victim), 0) << "a write to a renamed-over, open file did not replicate";
+  repl::pwrite_all(doomed, repl::random_bytes(4, 8192), 4096);
+  ASSERT_EQ(fchmod(doomed, 0600), 0);
+  ASSERT_EQ(fsync(doomed), 0) << "a write to an unlinked, open file did not replicate";
+  EXPECT_SYNCED(m, s.mnt);
+  EXPECT_EQ(read_file(s.file("victim")), "replacement");
+  EXPECT_EQ(read_file(s.log).find("cannot apply"), std::string::npos) << read_file(s.log);
+  close(victim);
+  close(doomed);
+  EXPECT_SAME_TREE(m, s);
+}
+
 TEST(ReplicationFullDisk, SlaveOutOfSpaceStopsClearlyKeepsItsDataAndResumesWhenThereIsRoom) {
   Cluster c("repl-fulls");
   Node& m = c.add_master({"--ack", "sync", "--ack-timeout", "2s"});
