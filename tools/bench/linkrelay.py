@@ -32,6 +32,7 @@ import os
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -190,6 +191,12 @@ class Connection:
             d.finished.wait()
         self.shutdown()
         for s in (self.client, self.upstream):
+            if self.failed:
+                # An error on one side reaches the other as a reset, not as an orderly end.
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
             s.close()
         self.relay.forget(self)
         log("connection from %s closed: %d bytes to upstream, %d back%s"
