@@ -69,16 +69,17 @@ def aligned(cells, widths):
 # ---------------------------------------------------------------------------
 # Commands
 
-def run_cmd(cmd, timeout, cwd=None, env=None):
+def run_cmd(cmd, timeout, cwd=None, env=None, pass_fds=()):
     """Run cmd with stdout/stderr going to temporary files (never pipes: a daemonizing
     child that keeps its inherited stdio open must not make us wait forever).
+    pass_fds: descriptors the child inherits (subprocess closes all others).
     Returns (returncode, stdout, stderr); returncode None means timeout.
     The child gets its own process group, which is killed as a whole on timeout or
     interrupt, so nothing it started keeps running behind our back."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd, env=env,
-                                 start_new_session=True)
+                                 start_new_session=True, pass_fds=tuple(pass_fds))
         except OSError as e:
             return 127, "", "%s: %s" % (cmd[0], e)
 
