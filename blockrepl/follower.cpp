@@ -668,13 +668,15 @@ void Follower::make_durable(Lsn lsn) {
     } else if (!dirty_files_.empty()) {
       // Several files: their fdatasyncs go to the kernel at once through io_uring and run
       // concurrently, where one after the other each waits for its own cache flush. Measured
-      // on the 2-core VM (ext4 on virtio, kernel 6.18, other builds running; median of 9
-      // interleaved runs, CV 25-140%), one 4 KiB write per file then the flush:
+      // on the 2-core VM (ext4 on virtio, kernel 6.18, other builds and tests running, load
+      // 7-12; median of 9 interleaved runs, CV 25-140%; two sessions), one 4 KiB write per
+      // file then the flush, in us:
       //   files   fdatasync in turn   io_uring at once
-      //     1          382 us             339 us   (noise: one file keeps the plain call)
-      //     2          537 us             322 us
-      //     4          840 us             363 us
-      //     8         8091 us             751 us
+      //     1        382 / 839           339 / 623   (noise: one file keeps the plain call)
+      //     2        537 / 567           322 / 429
+      //     4        840 / 1740          363 / 566
+      //     8       8091 / 4598          751 / 1451
+      // The process's CPU time (io-wq workers included) is the same either way.
       // `micro_bench --benchmark_filter=BM_Flush --benchmark_repetitions=9
       //  --benchmark_enable_random_interleaving=true` (tools/bench/micro/uring_apply_bench.cpp).
       // The writes themselves stay plain pwrite() in Store::apply: submitting a batch's writes

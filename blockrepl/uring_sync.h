@@ -1,8 +1,8 @@
 // fdatasync of several files at once, through io_uring, for a slave's barrier
 // (Follower::make_durable). The fsyncs run concurrently in the kernel's io-wq workers, and the
 // block layer merges their cache flushes: on this project's VM (ext4 on virtio, kernel 6.18)
-// flushing 4 files with one 4 KiB write each took 363 us instead of 840 us one after the other
-// (tools/bench/micro/uring_apply_bench.cpp, BM_Flush*; numbers in follower.cpp).
+// flushing 4 files with one 4 KiB write each took 363-566 us instead of 840-1740 us one after
+// the other (tools/bench/micro/uring_apply_bench.cpp, BM_Flush*; numbers in follower.cpp).
 //
 // Only the flush goes through io_uring. The writes stay plain pwrite(): buffered writes to ext4
 // are not done inline by io_uring on this kernel but handed to worker threads, which costs 2-3
