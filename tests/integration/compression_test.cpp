@@ -5,11 +5,18 @@
 #include <gtest/gtest.h>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <string>
 #include <vector>
 
+#include <zstd.h>
+
+#include <filesystem>
+
+#include "blockrepl/batch_codec.h"
+#include "fake_peer.h"
 #include "harness.h"
 #include "replication_util.h"
 
@@ -137,6 +144,94 @@ TEST(Compression, BadValuesExitWithStatus2) {
   }
   EXPECT_FALSE(is_mounted(mnt));
   EXPECT_TRUE(list_dir(data).empty()) << "a refused mount wrote to the data directory";
+}
+
+// A hostile (or broken) master: compressedBatch messages a slave must refuse with one line naming
+// the master, before it allocates what they announce, while it keeps serving its mount.
+TEST(Compression, HostileCompressedBatchesAreRefusedNamingTheMaster) {
+  TempDir tmp("compress-hostile");
+  const std::string vault = tmp.path() + "/vault";
+  ASSERT_EQ(mkdir(vault.c_str(), 0700), 0);
+  const std::string small_frame = [] {
+    std::string in(64, '\0'), out(ZSTD_compressBound(64), '\0');
+    out.resize(ZSTD_compress(out.data(), out.size(), in.data(), in.size(), 1));
+    return out;
+  }();
+  struct Attack {
+    std::string name;
+    wire::Codec welcome_codec;
+    uint64_t announced;
+    std::string data;
+    std::string expect;  // in the slave's log line
+  };
+  const std::vector<Attack> attacks = {
+      {"over the frame limit", wire::Codec::ZSTD, uint64_t{kMaxFrameBytes} + 8, small_frame,
+       "announces " + std::to_string(uint64_t{kMaxFrameBytes} + 8) + " bytes"},
+      {"16 EiB announced", wire::Codec::ZSTD, ~uint64_t{7}, small_frame, "announces"},
+      {"not zstd", wire::Codec::ZSTD, 64, "definitely not a zstd frame", "not a zstd frame"},
+      {"size disagrees with the frame", wire::Codec::ZSTD, 128, small_frame, "the message announces 128"},
+      {"no codec in the welcome", wire::Codec::NONE, 64, small_frame, "session's codec is off"},
+  };
+  for (size_t i = 0; i < attacks.size(); i++) {
+    const Attack& a = attacks[i];
+    SCOPED_TRACE(a.name);
+    FakeMaster fake({}, [&](FakeMasterSession& s) {
+      FakeMasterSession::WelcomeArgs w;
+      w.codec = a.welcome_codec;
+      w.codec_level = a.welcome_codec == wire::Codec::ZSTD ? 3 : 0;
+      if (s.index() == 0) {
+        s.send_welcome(w);
+        s.send_copy_entry([](wire::CopyEntry::Builder e) {
+          const std::string data = "served throughout\n";
+          e.setPath(kj::arrayPtr(reinterpret_cast<const kj::byte*>("kept"), 4));
+          e.setFid(0x7e57000000000101ull);
+          e.setMode(S_IFREG | 0644);
+          e.setSize(data.size());
+          e.setMtimeSec(1700000000);
+          e.setChunk(kj::arrayPtr(reinterpret_cast<const kj::byte*>(data.data()), data.size()));
+        });
+        s.send_copy_done(0);
+      } else {
+        w.method = wire::AttachMethod::STREAM;
+        w.start_lsn = w.last_lsn = s.hello().getDurableLsn();
+        s.send_welcome(w);
+      }
+      capnp::MallocMessageBuilder mb;
+      auto cb = mb.initRoot<wire::Message>().initCompressedBatch();
+      cb.setCodec(wire::Codec::ZSTD);
+      cb.setUncompressedSize(a.announced);
+      cb.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(a.data.data()), a.data.size()));
+      s.conn().send(mb);
+      s.wait_closed(5000);
+    });
+    const std::string data = vault + "/data" + std::to_string(i), mnt = tmp.sub("mnt" + std::to_string(i));
+    const std::string log = tmp.path() + "/log" + std::to_string(i);
+    ASSERT_TRUE(std::filesystem::create_directory(data));
+    Mount slave(data, mnt, {"--master", fake.address(), "-v", "--log-file", log});
+    ASSERT_TRUE(slave.ok()) << slave.error();
+    const std::string want = "compressedBatch from master " + fake.address() + ": ";
+    std::string line;
+    repl::wait_until(
+        [&] {
+          std::string text;
+          try {
+            text = read_file(log);
+          } catch (const std::exception&) {
+            return false;
+          }
+          size_t at = text.find(want);
+          if (at == std::string::npos) return false;
+          const size_t begin = text.rfind('\n', at) + 1;
+          line = text.substr(begin, text.find('\n', at) - begin);
+          return true;
+        },
+        20s);
+    EXPECT_NE(line.find(a.expect), std::string::npos) << "log line: '" << line << "'\n" << read_file(log);
+    printf("[ info ] %s: %s\n", a.name.c_str(), line.c_str());
+    // The slave refused the batch and still serves what it holds.
+    EXPECT_EQ(read_file(slave.file("kept")), "served throughout\n");
+    slave.unmount();
+  }
 }
 
 }  // namespace
