@@ -1,6 +1,6 @@
 // --compress zstd[:LEVEL] (blockrepl/batch_codec.h) on real mounts: a master that compresses for
-// its sync slave, a slave that asks a master without the option, a pull that asks, and bad
-// values refused with exit status 2. Every comparison is of the backing directories, byte for
+// its sync slave, a slave that asks a master without the option, a pull that asks, bad values
+// refused with exit status 2, and a hostile master's compressedBatch refused (fake_peer.h). Every comparison is of the backing directories, byte for
 // byte; the status shows the codec on both ends and that the batches shrank.
 #include <gtest/gtest.h>
 
