@@ -203,6 +203,7 @@ void Follower::send_hello(Connection& conn, wire::Purpose purpose, bool deep) {
   h.setListenAddress(cfg_.listen_address);
   h.setPurpose(purpose);
   h.setDeep(deep);
+  offer_compression(h, cfg_.compress);
   conn.send(mb);
 }
 
@@ -267,6 +268,11 @@ void Follower::handshake(Connection& conn) {
     status_.current_attach = AttachReport{};
     status_.authenticated = conn.authenticated();
     status_.encrypted = conn.encrypted();
+  }
+  codec_ = welcome_compression(w, "master " + cfg_.master_address);
+  {
+    std::lock_guard lk(status_mu_);
+    status_.compression = compression_name(codec_);
   }
   const Lsn start = w.getStartLsn();
   master_ack_ = static_cast<AckLevel>(static_cast<int>(w.getAckLevel()));
@@ -371,7 +377,7 @@ void Follower::handshake(Connection& conn) {
     // a Merkle stage once it is applied at a barrier past the diff: stream until then (before
     // the mount is offered, for a replica that has nothing consistent to serve yet).
     while (!state_.attach_complete() || staging_) {
-      auto frame = conn.receive(static_cast<int>(cfg_.master_timeout.count()));
+      auto frame = expand_batch(conn.receive(static_cast<int>(cfg_.master_timeout.count())), codec_, cfg_.master_address);
       if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");
       auto m = frame->root();
       if (m.which() == wire::Message::BATCH) {
@@ -442,7 +448,7 @@ void Follower::receive_copy(Connection& conn) {
 
 void Follower::stream(Connection& conn) {
   while (!stopping_) {
-    auto frame = conn.receive(static_cast<int>(cfg_.master_timeout.count()));
+    auto frame = expand_batch(conn.receive(static_cast<int>(cfg_.master_timeout.count())), codec_, cfg_.master_address);
     if (!frame) throw Error("master " + cfg_.master_address + " closed the connection");
     auto msg = frame->root();
     switch (msg.which()) {

@@ -11,6 +11,7 @@
 #include <thread>
 #include <unordered_set>
 
+#include "blockrepl/batch_codec.h"
 #include "blockrepl/cache_invalidator.h"
 #include "blockrepl/error.h"
 #include "blockrepl/merkle.h"
@@ -34,6 +35,7 @@ struct FollowerConfig {
   bool stage_stream = false;
   std::chrono::milliseconds master_timeout{5000};  // silence after which the master is presumed gone
   PeerSecurity security;  // the secret and TLS this node uses with its master (either may be off)
+  Compression compress;   // --compress: ask the master to compress the stream (batch_codec.h)
 };
 
 struct AttachReport {
@@ -51,6 +53,7 @@ struct FollowerStatus {
   std::string last_error;
   std::string waiting_for;  // while disconnected: what the next attempt needs ("" if only time)
   bool authenticated = false, encrypted = false;  // of the current (or last) connection
+  std::string compression = "off";                 // the stream's codec, as the welcome said
 };
 
 
@@ -130,6 +133,7 @@ class Follower {
   // Session state.
   std::string method_;
   AckLevel master_ack_ = AckLevel::sync;  // what the master waits for from us
+  Compression codec_;                     // how the master compresses batches (the welcome's)
   Lsn catchup_target_ = 0;                // the master's LSN when we attached
   uint64_t catchup_bytes_start_ = 0;
   bool catching_up_ = false;

@@ -109,6 +109,7 @@ void Replica::open() {
     fc.exit_on_disconnect = cfg_.exit_on_disconnect;
     fc.discard_my_data = cfg_.discard_my_data;
     fc.security = cfg_.security;
+    fc.compress = cfg_.compress;
     fc.master_timeout = std::max(cfg_.ack_timeout, std::chrono::milliseconds(3000));
     follower_ = std::make_unique<Follower>(*node_, fc);
   }
@@ -146,6 +147,7 @@ void Replica::start() {
     uc.ack_timeout = cfg_.ack_timeout;
     uc.min_sync_slaves = cfg_.min_sync_slaves;
     uc.security = cfg_.security;
+    uc.compress = cfg_.compress;
     uc.assign_ids = role() == Role::master;
     upstream_ = std::make_unique<Upstream>(*node_, *journal_, uc);
     upstream_->start(listen_fd_);

@@ -43,6 +43,7 @@ struct ReplicaConfig {
   bool discard_my_data = false;           // slave: a diverged volume may be rewritten
   size_t fd_budget = FileRegistry::kDefaultBudget;  // descriptors the file registry keeps open
   PeerSecurity security;  // secret and TLS, for the master it follows and the slaves it serves
+  Compression compress;   // --compress: asked of its master, used for its slaves (batch_codec.h)
 };
 
 struct ReplicaStatus {

@@ -41,6 +41,7 @@ struct Upstream::Session {
   // probation_until (under mu_).
   bool probation = false;
   Lsn probation_until = 0;
+  BatchEncoder encoder;  // compresses its batches when the welcome said so
   std::thread thread;
   // Whoever sends records holds send_mu: the session's own sender thread, or a barrier's thread
   // pushing its record (Upstream::push). The reader is set before `streaming`.
@@ -74,6 +75,10 @@ void check_hello_sizes(wire::Hello::Reader h, const std::string& peer) {
   check_field_size(h.getHashAlgorithm().size(), kMaxHashNameBytes, "hash algorithm", peer, "hello");
   check_field_size(h.getListenAddress().size(), kMaxAddressBytes, "listen address", peer, "hello");
   check_lineage_sizes(h.getLineage(), peer, "hello");
+  if (h.getCodecs().size() > kMaxCodecsListed)
+    throw Error("hello from " + peer + ": codecs lists " + std::to_string(h.getCodecs().size()) + " entries (at most " +
+                    std::to_string(kMaxCodecsListed) + ")",
+                EPROTO);
 }
 
 namespace {
@@ -128,7 +133,7 @@ wire::AttachMethod wire_method(AttachDecision::Method m) {
 }  // namespace
 
 void Upstream::send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level,
-                            const std::string& notice) {
+                            const std::string& notice, const Compression& codec) {
   capnp::MallocMessageBuilder mb;
   auto w = mb.initRoot<wire::Message>().initWelcome();
   w.setProtocolVersion(kProtocolVersion);
@@ -141,6 +146,7 @@ void Upstream::send_welcome(Connection& conn, const Identity& me, wire::AttachMe
   w.setLastLsn(node_.last_lsn());
   w.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(level)));
   w.setNotice(notice);
+  set_welcome_compression(w, codec);
   conn.send(mb);
 }
 
@@ -408,7 +414,11 @@ void Upstream::run_session(std::shared_ptr<Session> sp, std::unique_ptr<Frame> f
       if (!reader) throw Error("cannot start an attach: journal unavailable");
       start_lsn = reader->taken;
     }
-    send_welcome(conn, me, method, start_lsn, s.level, d.notice);
+    s.encoder.start(choose_compression(cfg_.compress, hello));
+    if (s.encoder.compression().on())
+      LOG_INFO("slave %s: records compressed with %s%s", conn.peer().c_str(), compression_name(s.encoder.compression()).c_str(),
+               cfg_.compress.on() ? "" : " (it asked)");
+    send_welcome(conn, me, method, start_lsn, s.level, d.notice, s.encoder.compression());
     LOG_INFO("slave %s (node %s) attaching by %s from lsn %" PRIu64, conn.peer().c_str(), s.node_id.c_str(),
              attach_method_name(d.method), start_lsn);
     s.sent = s.received = s.durable = start_lsn;
@@ -504,7 +514,7 @@ bool Upstream::send_next(Session& s, size_t max_bytes) {
   auto list = mb.initRoot<wire::Message>().initBatch().initRecords(static_cast<unsigned>(batch.size()));
   for (unsigned i = 0; i < batch.size(); i++) to_wire(*batch[i], list[i]);
   s.sent = batch.back()->lsn;  // before sending: the slave may acknowledge before send() returns
-  s.conn->send(mb);
+  s.encoder.send(*s.conn, mb);  // compressed if the session is and it pays off (under send_mu)
   s.last_send = std::chrono::steady_clock::now();
   return true;
 }
@@ -740,6 +750,9 @@ std::vector<SlaveStatus> Upstream::slaves() {
     st.probation = s->probation;
     st.authenticated = s->conn->authenticated();
     st.encrypted = s->conn->encrypted();
+    st.compression = compression_name(s->encoder.compression());
+    st.batch_bytes = s->encoder.batch_bytes();
+    st.batch_wire_bytes = s->encoder.sent_bytes();
     out.push_back(st);
   }
   return out;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "blockrepl/attach.h"
+#include "blockrepl/batch_codec.h"
 #include "blockrepl/fsutil.h"
 #include "blockrepl/handshake.h"
 #include "blockrepl/journal.h"
@@ -51,6 +52,7 @@ struct UpstreamConfig {
   std::chrono::milliseconds handshake_deadline = kHandshakeDeadline;
   size_t max_pending_handshakes = kMaxPendingHandshakes;
   PeerSecurity security;  // the secret slaves must prove, the TLS they must speak (either may be off)
+  Compression compress;   // --compress: compress batches for every slave that decodes it (batch_codec.h)
 };
 
 struct SlaveStatus {
@@ -60,6 +62,8 @@ struct SlaveStatus {
   bool probation = false;      // dropped for silence before: barriers do not wait for it yet
   bool authenticated = false;  // it proved the cluster's secret
   bool encrypted = false;      // TLS
+  std::string compression = "off";  // the stream's codec: "zstd:3" or "off"
+  uint64_t batch_bytes = 0, batch_wire_bytes = 0;  // batches sent, before and after compression
 };
 
 class Upstream {
@@ -109,7 +113,7 @@ class Upstream {
   void join_finished_sessions();
   void run_session(std::shared_ptr<Session> s, std::unique_ptr<Frame> hello);
   void send_welcome(Connection& conn, const Identity& me, wire::AttachMethod method, Lsn start_lsn, AckLevel level,
-                    const std::string& notice = {});
+                    const std::string& notice = {}, const Compression& codec = {});
   void serve(std::shared_ptr<Session> s, std::unique_ptr<Frame> hello);
   void stream(Session& s);
   // Takes up to max_bytes of the session's next records from the journal and sends them, under

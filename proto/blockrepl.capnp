@@ -1,9 +1,10 @@
 @0xc3a1f0e6b2d49a71;
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("blockrepl::wire");
-# blockrepl wire protocol, version 4: 2 added the `release` record; 3 added directory time stamps
+# blockrepl wire protocol, version 5: 2 added the `release` record; 3 added directory time stamps
 # on namespace records, the listed directory's mtime in dirListing, and hello.resync; 4 added
-# authentication (authHello, authChallenge, authProof) and TLS.
+# authentication (authHello, authChallenge, authProof) and TLS; 5 added compression of the
+# record stream (hello.codecs/compress/compressLevel, welcome.codec/codecLevel, compressedBatch).
 #
 # Transport: TCP, or TLS 1.3 over TCP when both ends have --tls-cert/--tls-key/--tls-ca (each
 # verifies the other's certificate against its CA; the downstream node checks the upstream's
@@ -62,6 +63,9 @@ $Cxx.namespace("blockrepl::wire");
 #   verify (hello.purpose = verify) uses the same questions and ends with diffDone; no stream.
 #   then, forever:
 #   master -> slave   batch        records in LSN order (a barrier is an `fsync` record)
+#                     | compressedBatch  the same batch message, compressed with the welcome's
+#                                  codec (only when the welcome named one; mixed with plain
+#                                  batches: small or incompressible ones go plain)
 #                     heartbeat    when idle, so a dead master is noticed
 #   slave  -> master  ack          received LSN (in memory) and durable LSN (fsynced)
 #   either            error        why the sender is closing the connection
@@ -71,7 +75,7 @@ $Cxx.namespace("blockrepl::wire");
 
 # The one protocol version constant (blockrepl/wire.h takes it from here): nodes of different
 # versions refuse each other with a clear message.
-const protocolVersion :UInt32 = 4;
+const protocolVersion :UInt32 = 5;
 
 # The block hash both ends must use (hello.hashAlgorithm): XXH3-128 of each --block-size block.
 const hashAlgorithm :Text = "xxh3-128";
@@ -109,6 +113,15 @@ struct Hello {
   discardMyData @12 :Bool;   # a diverged node agrees to be rewritten to the master's state
   resync @13 :Bool;          # the slave cannot go on from its LSN (its disk filled while applying
                              # a record): take the Merkle diff, which frees space before it needs more
+  codecs @14 :List(Codec);   # the codecs of compressedBatch this slave decodes (at most 16 entries)
+  compress @15 :Codec;       # none, or the codec it asks the master to use (its link is slow)
+  compressLevel @16 :Int32;  # the level it asks for with it (0: the master's default)
+}
+
+# How a compressedBatch's bytes are compressed (blockrepl/batch_codec.h).
+enum Codec {
+  none @0;
+  zstd @1;    # one zstd frame holding the content size (levels 1..19)
 }
 
 enum Purpose {
@@ -128,6 +141,9 @@ struct Welcome {
                              # some of the records up to here, and applies them tolerantly
   ackLevel @8 :AckLevel;     # what the master will wait for from this slave
   notice @9 :Text;           # something the slave should tell its operator ("" if nothing)
+  codec @10 :Codec;          # what this session's compressedBatch messages hold (none: none come);
+                             # the master runs --compress, or the slave asked, and it can decode it
+  codecLevel @11 :Int32;     # the level the master compresses at (for the slave's status)
 }
 
 # One change. Field meanings follow blockrepl/record.h.
@@ -164,6 +180,17 @@ struct Record {
 
 struct Batch {
   records @0 :List(Record);
+}
+
+# A batch, compressed (blockrepl/batch_codec.h, batch codec format 1): `data` decompresses to
+# exactly uncompressedSize bytes, which are one Cap'n Proto message in flat-array form whose root
+# is a Message holding a `batch` (what the master would have sent plain, without the length
+# prefix). uncompressedSize is at most the receiver's frame limit (64 MiB) and a multiple of 8;
+# the zstd frame announces the same content size. Anything else drops the connection.
+struct CompressedBatch {
+  codec @0 :Codec;              # the welcome's
+  uncompressedSize @1 :UInt64;
+  data @2 :Data;
 }
 
 struct Ack {
@@ -311,6 +338,7 @@ struct Message {
     authHello @18 :AuthHello;
     authChallenge @19 :AuthChallenge;
     authProof @20 :AuthProof;
+    compressedBatch @21 :CompressedBatch;
   }
 }
 

@@ -12,6 +12,7 @@ packages=(
   liburing-dev                               # io_uring for the replication stream and apply path
   capnproto libcapnp-dev                     # wire protocol schema, framing, kj async I/O
   libxxhash-dev                              # XXH3-128 block hashes
+  libzstd-dev                                # zstd compression of the replication stream (--compress)
   libssl-dev openssl                         # TLS 1.3 and HMAC-SHA256 (libssl); certificates in tests and the bench (openssl)
   libcli11-dev                               # command-line parsing
   nlohmann-json3-dev                         # status --json

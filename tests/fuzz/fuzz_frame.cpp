@@ -8,7 +8,9 @@
 //     (check_hello_sizes, then the attach decision), the welcome (Follower::check_welcome_sizes),
 //     batches (from_wire of every record, and to_wire/from_wire of what it accepted gives the
 //     same record), heartbeats and acks, errors, copyDone, the Merkle messages (paths, NsEntry
-//     from_wire, hashes). The first frame is limited to kMaxHelloFrameBytes when byte 0 has
+//     from_wire, hashes), compressedBatch (decode_compressed_batch, then its batch as above;
+//     and every batch of 256 bytes or more is compressed and decoded back to the same bytes).
+//     The first frame is limited to kMaxHelloFrameBytes when byte 0 has
 //     bit 2 set.
 //   role 0 with bit 3 set: the upstream's handshake as its accept thread runs it
 //     (HandshakeResponder with a secret, on a non-blocking socket): authHello, authProof (a
@@ -26,11 +28,13 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <set>
 #include <string>
 
 #include "blockrepl/attach.h"
+#include "blockrepl/batch_codec.h"
 #include "blockrepl/copy.h"
 #include "blockrepl/error.h"
 #include "blockrepl/follower.h"
@@ -73,6 +77,8 @@ void decode_hello(wire::Hello::Reader h) {
   check_hello_sizes(h, kPeer);
   // What Upstream takes from it, then the attach decision (a pure function).
   AttachHello a = hello_of(h);
+  (void)choose_compression({wire::Codec::ZSTD, 3}, h);
+  (void)choose_compression({}, h);
   (void)h.getListenAddress();
   (void)h.getAckLevel();
   AttachServer s;
@@ -95,6 +101,25 @@ void decode_hello(wire::Hello::Reader h) {
 // (run_merkle_diff).
 Lsn g_last_lsn = 0;
 
+// A batch the receiver accepted, compressed as a master with --compress would send it, decodes
+// to the same bytes (the encoder feeds zstd the segments one by one).
+void check_batch_compression(wire::Message::Reader msg) {
+  static BatchEncoder enc;
+  static bool started = false;
+  if (!started) enc.start({wire::Codec::ZSTD, 1});
+  started = true;
+  capnp::MallocMessageBuilder mb;
+  mb.setRoot(msg);
+  capnp::MallocMessageBuilder out;
+  if (!enc.encode(mb, out)) return;
+  auto words = capnp::messageToFlatArray(out);
+  auto frame = Frame::parse(kj::mv(words), kPeer);
+  auto batch = decode_compressed_batch(frame->root().getCompressedBatch(), kPeer);
+  auto want = capnp::messageToFlatArray(mb);
+  FUZZ_CHECK(batch->words().size() == want.size() &&
+             memcmp(batch->words().begin(), want.begin(), want.size() * sizeof(capnp::word)) == 0);
+}
+
 void decode_one(wire::Message::Reader msg) {
   switch (msg.which()) {
     case wire::Message::HELLO: decode_hello(msg.getHello()); break;
@@ -109,6 +134,7 @@ void decode_one(wire::Message::Reader msg) {
       (void)w.getStartLsn();
       (void)w.getLastLsn();
       (void)w.getAckLevel();
+      (void)welcome_compression(w, kPeer);
       break;
     }
     case wire::Message::BATCH:
@@ -119,7 +145,15 @@ void decode_one(wire::Message::Reader msg) {
         (void)rec.describe();
         check_record_round_trip(rec);
       }
+      check_batch_compression(msg);
       break;
+    case wire::Message::COMPRESSED_BATCH: {
+      // As Follower::stream takes it (expand_batch): the batch it holds, decoded like a plain one.
+      auto batch = decode_compressed_batch(msg.getCompressedBatch(), kPeer);
+      FUZZ_CHECK(batch->root().which() == wire::Message::BATCH);
+      decode_one(batch->root());
+      break;
+    }
     case wire::Message::ACK: (void)msg.getAck().getReceivedLsn(); (void)msg.getAck().getDurableLsn(); break;
     case wire::Message::HEARTBEAT: {
       auto l = msg.getHeartbeat().getLineage();

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "blockrepl/batch_codec.h"
 #include "blockrepl/copy.h"
 #include "blockrepl/error.h"
 #include "blockrepl/hash_tree.h"
@@ -214,6 +215,7 @@ std::string hello_frame() {
   h.setDurableLsn(150);
   h.setAckLevel(wire::AckLevel::SYNC);
   h.setListenAddress("127.0.0.1:7001");
+  offer_compression(h, {wire::Codec::ZSTD, 3});
   return frame_bytes(mb);
 }
 
@@ -229,6 +231,7 @@ std::string welcome_frame() {
   w.setStartLsn(10);
   w.setLastLsn(20);
   w.setNotice("a notice");
+  set_welcome_compression(w, {wire::Codec::ZSTD, 3});
   return frame_bytes(mb);
 }
 
@@ -240,11 +243,28 @@ std::string batch_frame() {
   return frame_bytes(mb);
 }
 
+// The sample batch as a master with --compress sends it (batch_codec.h).
+std::string compressed_batch_frame() {
+  capnp::MallocMessageBuilder mb;
+  auto recs = sample_records();
+  auto l = mb.initRoot<wire::Message>().initBatch().initRecords(static_cast<unsigned>(recs.size()));
+  for (unsigned i = 0; i < recs.size(); i++) to_wire(recs[i], l[i]);
+  BatchEncoder enc;
+  enc.start({wire::Codec::ZSTD, 1});
+  capnp::MallocMessageBuilder out;
+  if (!enc.encode(mb, out)) {
+    fprintf(stderr, "make_corpus: the sample batch did not compress\n");
+    exit(1);
+  }
+  return frame_bytes(out);
+}
+
 void frame_corpus(Volume& master, Volume& slave) {
   const std::string T = "fuzz_frame";
   put(T, "hello", std::string(1, '\x04') + hello_frame());
   put(T, "welcome", std::string(1, '\x04') + welcome_frame());
   put(T, "batch", std::string(1, '\0') + batch_frame());
+  put(T, "compressed_batch", std::string(1, '\0') + compressed_batch_frame());
   std::string misc(1, '\0');
   {
     capnp::MallocMessageBuilder mb;

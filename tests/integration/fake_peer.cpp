@@ -88,6 +88,8 @@ void FakeMasterSession::send_welcome(const WelcomeArgs& a) {
   w.setLastLsn(a.last_lsn);
   w.setAckLevel(static_cast<wire::AckLevel>(static_cast<uint16_t>(a.ack)));
   w.setClusterId(cluster_);
+  w.setCodec(a.codec);
+  w.setCodecLevel(a.codec_level);
   conn_->send(mb);
 }
 

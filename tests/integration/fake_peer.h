@@ -48,6 +48,8 @@ class FakeMasterSession {
     wire::AttachMethod method = wire::AttachMethod::FULL;
     Lsn start_lsn = 0, last_lsn = 0;
     AckLevel ack = AckLevel::sync;
+    wire::Codec codec = wire::Codec::NONE;  // the session's compression (batch_codec.h)
+    int codec_level = 0;
   };
   void send_welcome(const WelcomeArgs& w);
   // A copy entry filled in by `fill` (path, fid, mode, ... as a real master's TreeSender would).

@@ -32,7 +32,7 @@ json status_json(Replica& replica, const std::string& mountpoint) {
   if (st.upstream) {
     const FollowerStatus& fs = *st.upstream;
     json up = {{"address", fs.address}, {"state", fs.state}, {"received_lsn", fs.received_lsn}, {"durable_lsn", fs.durable_lsn},
-               {"authenticated", fs.authenticated}, {"encrypted", fs.encrypted}};
+               {"authenticated", fs.authenticated}, {"encrypted", fs.encrypted}, {"compression", fs.compression}};
     if (!fs.last_error.empty() && fs.state == "disconnected") up["last_error"] = fs.last_error;
     if (!fs.waiting_for.empty()) up["waiting_for"] = fs.waiting_for;
     if (fs.state == "attaching")
@@ -49,7 +49,8 @@ json status_json(Replica& replica, const std::string& mountpoint) {
   for (auto& s : st.slaves)
     slaves.push_back({{"address", s.address}, {"node_id", s.node_id}, {"state", s.state}, {"ack", s.ack},
                       {"received_lsn", s.received_lsn}, {"durable_lsn", s.durable_lsn}, {"lag_bytes", s.lag_bytes},
-                      {"authenticated", s.authenticated}, {"encrypted", s.encrypted}, {"probation", s.probation}});
+                      {"authenticated", s.authenticated}, {"encrypted", s.encrypted}, {"probation", s.probation},
+                      {"compression", s.compression}, {"batch_bytes", s.batch_bytes}, {"batch_wire_bytes", s.batch_wire_bytes}});
   j["slaves"] = slaves;
   if (Trace::on()) {
     // Cumulative latency histograms of a barrier's stages (trace.h): per stage, pairs of

@@ -6,6 +6,7 @@
 #include <map>
 #include <string>
 
+#include "blockrepl/batch_codec.h"
 #include "tools/cli/mount_command.h"
 #include "tools/cli/option_values.h"
 
@@ -54,6 +55,18 @@ int main(int argc, char** argv) {
                       "slave: its data directory may be replaced: a diverged node (a former master) rejoins and is "
                       "rewritten to its master's state, a directory holding other files is emptied for the first copy");
 
+  // Parsed twice: the validator refuses a bad value with one line, the function keeps it.
+  auto keep_compression = [](Compression* into) {
+    return [into](const std::string& v) {
+      std::string why;
+      *into = parse_compression(v, &why).value_or(Compression{});
+    };
+  };
+  mount_cmd
+      ->add_option_function<std::string>("--compress", keep_compression(&repl.compress),
+                                         "compress the record stream with zstd (level 1-19, default 3): a master for its "
+                                         "slaves, a slave asks its master (for slow links; off by default)")
+      ->check(compression());
   add_security_options(mount_cmd, mount.security, true);
   mount_cmd->add_flag("--trace", mount.trace,
                       "keep latency histograms of each stage of a barrier (status --json shows them under \"trace\")");
@@ -81,6 +94,11 @@ int main(int argc, char** argv) {
   bool pull_discard = false;
   pull_cmd->add_flag("--discard-my-data", pull_discard,
                      "DIR may be replaced: files that are not a blockrepl volume, or a diverged volume (a former master)");
+  Compression pull_compress;
+  pull_cmd
+      ->add_option_function<std::string>("--compress", keep_compression(&pull_compress),
+                                         "ask the master to compress the records it streams with zstd (level 1-19, default 3)")
+      ->check(compression());
   SecurityOptions pull_security;
   add_security_options(pull_cmd, pull_security, false);
 
@@ -131,6 +149,6 @@ int main(int argc, char** argv) {
   if (*status_cmd) return run_status(status_point, status_json);
   if (*verify_cmd) return run_verify(verify_point, verify_deep);
   if (*promote_cmd) return run_promote(promote_point);
-  if (*pull_cmd) return run_pull(pull_address, pull_dir, pull_quiet ? -1 : pull_verbose, pull_discard, pull_security);
+  if (*pull_cmd) return run_pull(pull_address, pull_dir, pull_quiet ? -1 : pull_verbose, pull_discard, pull_security, pull_compress);
   return 2;
 }

@@ -110,6 +110,20 @@ std::string security_words(const nlohmann::json& peer) {
          (peer.value("encrypted", false) ? ", encrypted" : ", not encrypted");
 }
 
+// ", zstd:3 (12.0 MiB of batches sent as 3.1 MiB)" / ", not compressed" for a peer's status line.
+std::string compression_words(const nlohmann::json& peer) {
+  const std::string codec = peer.value("compression", std::string("off"));
+  if (codec == "off") return ", not compressed";
+  std::string out = ", " + codec;
+  if (peer.contains("batch_bytes")) {
+    char buf[96];
+    snprintf(buf, sizeof buf, " (%.1f MiB of batches sent as %.1f MiB)", peer.value("batch_bytes", uint64_t{0}) / 1048576.0,
+             peer.value("batch_wire_bytes", uint64_t{0}) / 1048576.0);
+    out += buf;
+  }
+  return out;
+}
+
 }  // namespace
 
 int run_mount(const MountOptions& opts) {
@@ -384,9 +398,10 @@ int run_status(const std::string& mountpoint, bool json) {
   printf("%-12s %u\n", "block size", j["block_size"].get<unsigned>());
   if (!j["upstream"].is_null()) {
     auto& u = j["upstream"];
-    printf("%-12s %s %s received %llu durable %llu%s\n", "upstream", u["address"].get<std::string>().c_str(),
+    printf("%-12s %s %s received %llu durable %llu%s%s\n", "upstream", u["address"].get<std::string>().c_str(),
            u["state"].get<std::string>().c_str(), static_cast<unsigned long long>(u["received_lsn"].get<uint64_t>()),
-           static_cast<unsigned long long>(u["durable_lsn"].get<uint64_t>()), security_words(u).c_str());
+           static_cast<unsigned long long>(u["durable_lsn"].get<uint64_t>()), security_words(u).c_str(),
+           compression_words(u).c_str());
   }
   if (!j["last_attach"].is_null()) {
     auto& a = j["last_attach"];
@@ -395,11 +410,11 @@ int run_status(const std::string& mountpoint, bool json) {
            static_cast<unsigned long long>(a["blocks_received"].get<uint64_t>()), a["seconds"].get<double>());
   }
   for (auto& s : j["slaves"])
-    printf("%-12s %s %s (%s) received %llu durable %llu lag %llu bytes%s\n", "slave", s["address"].get<std::string>().c_str(),
+    printf("%-12s %s %s (%s) received %llu durable %llu lag %llu bytes%s%s\n", "slave", s["address"].get<std::string>().c_str(),
            s["state"].get<std::string>().c_str(), s["ack"].get<std::string>().c_str(),
            static_cast<unsigned long long>(s["received_lsn"].get<uint64_t>()),
            static_cast<unsigned long long>(s["durable_lsn"].get<uint64_t>()),
-           static_cast<unsigned long long>(s["lag_bytes"].get<uint64_t>()), security_words(s).c_str());
+           static_cast<unsigned long long>(s["lag_bytes"].get<uint64_t>()), security_words(s).c_str(), compression_words(s).c_str());
   if (j["slaves"].empty() && j["role"] == "master") printf("%-12s none\n", "slaves");
   return 0;
 }

@@ -7,6 +7,8 @@
 #include <map>
 #include <string>
 
+#include "blockrepl/batch_codec.h"
+
 namespace blockrepl::cli {
 
 namespace {
@@ -71,6 +73,15 @@ CLI::Validator hash_block_size() {
         return {};
       },
       "BYTES");
+}
+
+CLI::Validator compression() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        std::string why;
+        return parse_compression(value, &why) ? std::string() : why;
+      },
+      "zstd[:LEVEL]");
 }
 
 }  // namespace blockrepl::cli

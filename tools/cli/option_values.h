@@ -12,5 +12,7 @@ CLI::Validator positive_duration_ms();
 CLI::Validator byte_size();
 // A power of two from 512 to 1048576.
 CLI::Validator hash_block_size();
+// zstd, zstd:LEVEL (1..19) or off (blockrepl/batch_codec.h: parse_compression).
+CLI::Validator compression();
 
 }  // namespace blockrepl::cli

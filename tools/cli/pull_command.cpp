@@ -24,7 +24,7 @@
 namespace blockrepl::cli {
 
 int run_pull(const std::string& address, const std::string& dir, int verbosity, bool discard_my_data,
-             const SecurityOptions& security) {
+             const SecurityOptions& security, const Compression& compress) {
   set_log_level(verbosity > 1 ? LogLevel::debug : verbosity == 1 ? LogLevel::info : verbosity < 0 ? LogLevel::error : LogLevel::warn);
   PeerSecurity peer_security;
   if (auto err = load_peer_security(security, &peer_security)) {
@@ -84,6 +84,7 @@ int run_pull(const std::string& address, const std::string& dir, int verbosity, 
     fc.stage_stream = true;
     fc.discard_my_data = discard_my_data;
     fc.security = peer_security;
+    fc.compress = compress;
     fc.master_timeout = std::chrono::milliseconds(30000);
     {
       Follower follower(node, fc);
