@@ -555,9 +555,16 @@ void Upstream::read_acks(std::shared_ptr<Session> sp) {
   Session& s = *sp;
   // A live slave answers every batch and heartbeat; silence this long means it is gone.
   const int timeout_ms = static_cast<int>(std::max<int64_t>(cfg_.ack_timeout.count(), 3 * kHeartbeatInterval.count()));
+  // Except before its first answer: after a Merkle diff or a full copy it applies what it
+  // received before it streams (a stage of 200,000 files took 15 s), and it was dropped for
+  // that again and again. It gets as long as the diff itself (serve_merkle_diff); a barrier
+  // meanwhile still waits only --ack-timeout for it.
+  const int first_timeout_ms = std::max(timeout_ms, static_cast<int>(std::max<int64_t>(cfg_.ack_timeout.count(), 60000)));
+  bool answered = false;
   try {
     while (!s.dead) {
-      auto frame = s.conn->receive(timeout_ms);
+      auto frame = s.conn->receive(answered ? timeout_ms : first_timeout_ms);
+      answered = true;
       if (!frame) throw Error("it closed the connection");
       auto msg = frame->root();
       switch (msg.which()) {
