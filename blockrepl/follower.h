@@ -144,6 +144,11 @@ class Follower {
   bool dirty_namespace_ = false;
   std::chrono::steady_clock::time_point state_synced_at_{};
   std::chrono::steady_clock::time_point last_ack_at_{};
+  // Barriers of a master that does not wait for our disk are flushed at most this often
+  // (apply_batch); the last one not flushed yet, and when we last flushed.
+  static constexpr std::chrono::milliseconds kUnwaitedFlushInterval{100};
+  Lsn deferred_barrier_ = 0;
+  std::chrono::steady_clock::time_point flushed_at_{};
 
   std::mutex status_mu_;
   FollowerStatus status_;
