@@ -48,6 +48,7 @@ void Journal::store(const Record& rec, bool wake) {
   records_.push_back(std::move(copy));
   bytes_ += cost;
   last_lsn_ = rec.lsn;
+  if (rec.is_barrier()) last_barrier_lsn_.store(rec.lsn, std::memory_order_release);
   if (wake) new_record_cv_.notify_all();
   evict_locked();
   // Back-pressure: a reader that lags by more than the in-flight bound holds up writers, for at

@@ -4,6 +4,7 @@
 // fall too far behind it makes writers wait (back-pressure) and, past the timeout, gives up on
 // the slowest reader rather than block forever.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -65,6 +66,8 @@ class Journal : public RecordSink {
   // Whether a reader could resume after `lsn` (the journal holds every record after it).
   bool covers(Lsn lsn);
   Lsn last_lsn();
+  // The LSN of the newest barrier record it holds (0: none yet).
+  Lsn last_barrier_lsn() const { return last_barrier_lsn_.load(std::memory_order_acquire); }
   // The LSN every record since is known to the journal (last_lsn() when nothing is kept).
   void set_start(Lsn lsn);
   size_t bytes();
@@ -87,6 +90,7 @@ class Journal : public RecordSink {
   size_t bytes_ = 0;
   Lsn base_lsn_ = 0;  // records_ holds every record after base_lsn_
   Lsn last_lsn_ = 0;
+  std::atomic<Lsn> last_barrier_lsn_{0};
   std::set<std::shared_ptr<Reader>> readers_;
   bool closed_ = false;
 };

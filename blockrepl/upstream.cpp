@@ -501,8 +501,11 @@ void Upstream::stream(Session& s) {
     // A trickle of small changes (a database's commits) waits a moment for the next ones: one
     // batch, one send and one wake-up of the slave for several of them, on cores the
     // application shares. Nothing waits for these records meanwhile: a barrier sends its own
-    // (push) and an async slave is not waited for. A busy stream (large batches) never waits.
-    if (s.last_batch_bytes < kLingerBelowBytes) std::this_thread::sleep_for(kLinger);
+    // (push) and an async slave is not waited for. A busy stream (large batches) never waits,
+    // nor does one that barriers wait for when it holds a barrier its pusher could not send
+    // (this sender was sending): that barrier's p99 was the linger.
+    const bool barrier_waits = s.level != AckLevel::async && journal_.last_barrier_lsn() > s.reader->taken;
+    if (s.last_batch_bytes < kLingerBelowBytes && !barrier_waits) std::this_thread::sleep_for(kLinger);
     std::lock_guard send(s.send_mu);
     const Lsn sent_before = s.sent;
     if (!send_next(s, 4u << 20)) throw Error("it fell too far behind the journal");
