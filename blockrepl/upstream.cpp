@@ -195,7 +195,7 @@ void Upstream::stop() {
   }
   for (auto& t : finished) t.join();
   {
-    std::lock_guard lk(mu_);  // see read_acks: no lost wake-up
+    std::lock_guard lk(mu_);  // the timer checks stopping_ under mu_: no lost wake-up
   }
   timer_cv_.notify_all();
   if (timer_thread_.joinable()) timer_thread_.join();
@@ -627,15 +627,23 @@ void Upstream::note_silent_locked(const Session& s) {
   if (silent_nodes_.size() < kMaxSilentNodes) silent_nodes_.insert(s.node_id);
 }
 
-bool Upstream::confirmed_locked(Lsn lsn) const {
-  unsigned confirmed = 0;
-  bool waits = false;
+template <class ShortOf>
+unsigned Upstream::holding_locked(Lsn lsn, ShortOf&& short_of) const {
+  unsigned holding = 0;
   for (auto& s : sessions_) {
     if (s->dead || !s->streaming || s->level == AckLevel::async) continue;
-    Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
-    if (have >= lsn) confirmed++;
-    else if (!s->probation) waits = true;  // one on probation only counts towards the minimum
+    const Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
+    if (have >= lsn) holding++;
+    else short_of(s);
   }
+  return holding;
+}
+
+bool Upstream::confirmed_locked(Lsn lsn) const {
+  bool waits = false;
+  const unsigned confirmed = holding_locked(lsn, [&](const std::shared_ptr<Session>& s) {
+    if (!s->probation) waits = true;  // one on probation only counts towards the minimum
+  });
   return !waits && confirmed >= cfg_.min_sync_slaves;
 }
 
@@ -704,14 +712,9 @@ void Upstream::expire_loop() {
 
 std::optional<int> Upstream::expire_locked(Lsn lsn, std::chrono::steady_clock::time_point& deadline,
                                            std::unique_lock<std::mutex>& lk) {
-  unsigned confirmed = 0;
   std::vector<std::shared_ptr<Session>> pending, on_probation;
-  for (auto& s : sessions_) {
-    if (s->dead || !s->streaming || s->level == AckLevel::async) continue;
-    Lsn have = s->level == AckLevel::sync ? s->durable.load() : s->received.load();
-    if (have >= lsn) confirmed++;
-    else (s->probation ? on_probation : pending).push_back(s);
-  }
+  const unsigned confirmed = holding_locked(
+      lsn, [&](const std::shared_ptr<Session>& s) { (s->probation ? on_probation : pending).push_back(s); });
   // A slave on probation is waited for (and dropped for silence) only when the barrier needs it
   // to reach --min-sync-slaves.
   if (confirmed < cfg_.min_sync_slaves) pending.insert(pending.end(), on_probation.begin(), on_probation.end());
@@ -735,25 +738,6 @@ std::optional<int> Upstream::expire_locked(Lsn lsn, std::chrono::steady_clock::t
   if (confirmed >= cfg_.min_sync_slaves) return 0;
   LOG_ERROR("barrier at lsn %" PRIu64 ": only %u of the %u required sync slaves confirmed", lsn, confirmed, cfg_.min_sync_slaves);
   return EIO;
-}
-
-int Upstream::wait_barrier(Lsn lsn) {
-  struct Answer {
-    std::mutex mu;
-    std::condition_variable cv;
-    bool ready = false;
-    int result = 0;
-  };
-  auto answer = std::make_shared<Answer>();
-  when_confirmed(lsn, [answer](int result) {
-    std::lock_guard lk(answer->mu);
-    answer->result = result;
-    answer->ready = true;
-    answer->cv.notify_one();
-  });
-  std::unique_lock lk(answer->mu);
-  answer->cv.wait(lk, [&] { return answer->ready; });
-  return answer->result;
 }
 
 std::vector<SlaveStatus> Upstream::slaves() {

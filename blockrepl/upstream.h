@@ -83,8 +83,6 @@ class Upstream {
   // for the ack timeout without acknowledging anything more in that time are dropped; `done` gets 0, or EIO when fewer than
   // min_sync_slaves confirmed.
   void when_confirmed(Lsn lsn, std::function<void(int)> done);
-  // The same, waiting for it.
-  int wait_barrier(Lsn lsn);
   // Sends the records up to `lsn` (a barrier just published) to the slaves that barriers wait
   // for, from the calling thread, where their stream is idle; wakes the senders of the others.
   // Saves the barrier a thread wake-up on its critical path (measured in the README).
@@ -124,6 +122,10 @@ class Upstream {
   void note_silent(const Session& s);
   void note_silent_locked(const Session& s);
   void drop(Session& s, const std::string& why);
+  // Counts the slaves barriers wait for that hold `lsn` (under mu_); calls short_of(session)
+  // for each one that does not yet.
+  template <class ShortOf>
+  unsigned holding_locked(Lsn lsn, ShortOf&& short_of) const;
   // Whether the slaves hold what a barrier at `lsn` needs (under mu_).
   bool confirmed_locked(Lsn lsn) const;
   // Completes the barriers that are confirmed now, oldest first (after an ack or a drop).
