@@ -10,7 +10,9 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <memory>
+#include <sstream>
 
 #include "blockrepl/error.h"
 #include "blockrepl/metadata.h"
@@ -215,6 +217,45 @@ std::string read_private_file(const std::string& path, const char* what, size_t 
   }
   out.resize(got);
   return out;
+}
+
+namespace {
+
+// mountinfo escapes space, tab, newline and backslash as \ooo.
+std::string unescape_mountinfo(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); i++) {
+    if (s[i] == '\\' && i + 3 < s.size() && s[i + 1] >= '0' && s[i + 1] <= '3' && s[i + 2] >= '0' &&
+        s[i + 2] <= '7' && s[i + 3] >= '0' && s[i + 3] <= '7') {
+      out += static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0'));
+      i += 3;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<MountEntry> read_mountinfo() {
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  std::vector<MountEntry> mounts;
+  while (std::getline(in, line)) {
+    std::istringstream ls(line);
+    std::string id, parent, devno, root, mnt;
+    ls >> id >> parent >> devno >> root >> mnt;
+    std::string tok;
+    while (ls >> tok && tok != "-") {}
+    MountEntry e;
+    e.mountpoint = unescape_mountinfo(mnt);
+    e.devno = devno;
+    ls >> e.fstype >> e.source;
+    e.source = unescape_mountinfo(e.source);
+    mounts.push_back(std::move(e));
+  }
+  return mounts;
 }
 
 }  // namespace blockrepl

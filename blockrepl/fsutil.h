@@ -108,6 +108,17 @@ int open_beneath(int dirfd, const char* path, int flags, mode_t mode = 0);
 int open_beneath_by_components(int dirfd, const char* path, int flags, mode_t mode = 0);
 
 // ---------------------------------------------------------------------------------------------
+// The mount table
+
+// One line of /proc/self/mountinfo (paths unescaped).
+struct MountEntry {
+  std::string mountpoint, fstype, source;
+  std::string devno;  // "major:minor" of the mounted file system (its bdi's name for FUSE)
+};
+// This process's mount table, in the kernel's order (a later entry on the same path is on top).
+std::vector<MountEntry> read_mountinfo();
+
+// ---------------------------------------------------------------------------------------------
 // Private files (a secret, a TLS key)
 
 // ssh's rule for keys: a regular file that no one but its owner (root or the daemon's user) may

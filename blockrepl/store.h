@@ -46,8 +46,9 @@ class Store {
   void set_hashes(HashIndex* hashes) { hashes_ = hashes; }
   HashIndex* hashes() const { return hashes_; }
   // Large block-aligned writes go to the disk directly (O_DIRECT) instead of through the page
-  // cache. For a slave's applier: its replica is read rarely, and filling new page-cache pages
-  // is most of what applying a sequential stream costs. Barriers still sync as before.
+  // cache: filling new page-cache pages is most of what applying a sequential stream costs, and
+  // the data is not read back from here soon (replica.cpp says why for each role). Barriers
+  // still sync as before.
   void set_direct_writes(bool on) { direct_writes_.store(on, std::memory_order_relaxed); }
   // Writes smaller than this, or not aligned to kDirectAlign in offset and length, always go
   // through the page cache (a database's pages, a file's tail).

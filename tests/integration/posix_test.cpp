@@ -498,6 +498,35 @@ TEST_F(PosixFs, ODirectAlignedWriteAndRead) {
   EXPECT_SAME_BYTES(pc.substr(0, 4096) + pd + pc.substr(8192), now.substr(0, kA), "backing file after mixed direct/buffered writes");
 }
 
+// --- large sequential writes -------------------------------------------------------------------
+
+// The mount bounds its dirty pages (fs/filesystem.cpp, kMaxDirtyBytes: 64 MiB), so a large
+// sequential write reaches the daemon, and the backing file, while it is being written instead
+// of all at its final fsync (the kernel's writeback would otherwise wait up to 30 s). And the
+// daemon writes such large aligned pieces past the backing file's page cache (O_DIRECT,
+// replica.cpp): the mount's own page cache already holds them.
+TEST_F(PosixFs, ALargeSequentialWriteReachesTheBackingFileBeforeItsFsync) {
+  constexpr size_t kChunk = size_t{1} << 20, kTotal = 256 * kChunk;
+  Fd fd(open_or_throw(m("big"), O_CREAT | O_WRONLY | O_TRUNC));
+  const std::string chunk = pattern(kChunk, 7);
+  for (size_t off = 0; off < kTotal; off += kChunk) pwrite_all(fd, chunk, static_cast<off_t>(off));
+  const uint64_t reached = static_cast<uint64_t>(stat_of(b("big")).st_blocks) * 512;
+  EXPECT_GE(reached, kTotal / 2) << "of " << kTotal << " bytes written, only " << reached
+                                 << " reached the backing file before fsync: the mount's dirty pages are not bounded";
+  ASSERT_EQ(fsync(fd), 0) << errname(errno);
+  EXPECT_EQ(static_cast<uint64_t>(stat_of(b("big")).st_size), kTotal);
+
+  Fd backing(open_or_throw(b("big"), O_RDONLY));
+  Mapping map(backing, kTotal, PROT_READ);
+  std::vector<unsigned char> resident(kTotal / 4096);
+  ASSERT_EQ(mincore(map.data(), kTotal, resident.data()), 0) << errname(errno);
+  const size_t cached = static_cast<size_t>(std::count_if(resident.begin(), resident.end(), [](unsigned char c) { return c & 1; }));
+  EXPECT_LT(cached, resident.size() / 4) << cached << " of " << resident.size()
+                                         << " pages of the backing file are in its page cache: the daemon wrote them buffered";
+  EXPECT_SAME_BYTES(chunk, pread_n(backing, kChunk, static_cast<off_t>(kTotal - kChunk)), "the backing file's last MiB");
+  ASSERT_EQ(unlink(m("big").c_str()), 0) << errname(errno);
+}
+
 // --- writeback cache ---------------------------------------------------------------------------
 
 TEST_F(PosixFs, WriteOnlyDescriptorWritesAreSeenByOtherReaders) {

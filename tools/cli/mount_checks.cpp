@@ -2,6 +2,7 @@
 
 #include "blockrepl/copy.h"
 #include "blockrepl/error.h"
+#include "blockrepl/fsutil.h"
 #include "blockrepl/metadata.h"
 
 #include <cerrno>
@@ -24,45 +25,6 @@
 namespace blockrepl::cli {
 
 namespace {
-
-// mountinfo escapes space, tab, newline and backslash as \ooo.
-std::string unescape(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size(); i++) {
-    if (s[i] == '\\' && i + 3 < s.size() && s[i + 1] >= '0' && s[i + 1] <= '3' && s[i + 2] >= '0' &&
-        s[i + 2] <= '7' && s[i + 3] >= '0' && s[i + 3] <= '7') {
-      out += static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0'));
-      i += 3;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
-}
-
-struct MountEntry {
-  std::string mountpoint, fstype, source, devno;
-};
-
-std::vector<MountEntry> read_mountinfo() {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  std::vector<MountEntry> mounts;
-  while (std::getline(in, line)) {
-    std::istringstream ls(line);
-    std::string id, parent, devno, root, mnt;
-    ls >> id >> parent >> devno >> root >> mnt;
-    std::string tok;
-    while (ls >> tok && tok != "-") {}
-    MountEntry e;
-    e.mountpoint = unescape(mnt);
-    e.devno = devno;
-    ls >> e.fstype >> e.source;
-    e.source = unescape(e.source);
-    mounts.push_back(std::move(e));
-  }
-  return mounts;
-}
 
 std::optional<MountEntry> find_mount(const std::string& path) {
   std::optional<MountEntry> found;
@@ -181,21 +143,6 @@ std::optional<std::string> check_overlaps(const MountPaths& paths) {
 }
 
 }  // namespace
-
-void lift_fuse_writeback_limit(const std::string& mountpoint_abs) {
-  auto m = find_mount(mountpoint_abs);
-  if (!m || m->devno.empty()) return;
-  // The kernel gives every FUSE mount a strict 1% share of the dirty-page budget, which throttles
-  // sequential writers long before the disk is busy. This daemon is trusted (root) and flushes
-  // promptly, so let the mount's writeback behave like the backing file system's.
-  const std::string bdi = "/sys/class/bdi/" + m->devno + "/";
-  for (auto [file, value] : {std::pair{"strict_limit", "0"}, std::pair{"max_ratio", "100"}}) {
-    if (FILE* f = fopen((bdi + file).c_str(), "w")) {
-      fputs(value, f);
-      fclose(f);
-    }
-  }
-}
 
 std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs) {
   auto m = find_mount(mountpoint_abs);

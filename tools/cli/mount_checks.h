@@ -38,9 +38,6 @@ std::optional<std::string> check_backing_dir_private(const std::string& data_abs
 // Removes (lazily) the dead mount found by check_mount_paths; throws Error.
 void detach_dead_mount(const std::string& mountpoint_abs);
 
-// Raises the kernel's dirty-page limits for the FUSE mount at `mountpoint_abs` (best effort).
-void lift_fuse_writeback_limit(const std::string& mountpoint_abs);
-
 // For a blockrepl mount: the backing directory from its fsname ("blockrepl:/srv/db"); nullopt if
 // `path` is not a blockrepl mount.
 std::optional<std::string> blockrepl_data_dir_of(const std::string& mountpoint_abs);

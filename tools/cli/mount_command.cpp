@@ -229,7 +229,6 @@ int run_mount(const MountOptions& opts) {
     replica->serve_control(
         [r = replica.get(), mnt_abs](const std::string& request) { return answer_control_request(*r, mnt_abs, request); });
     filesystem->mount();
-    if (!slave) lift_fuse_writeback_limit(mnt_abs);
   } catch (const std::exception& e) {
     readiness.failed(e.what());
     return 1;
