@@ -5,6 +5,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <map>
+#include <set>
 #include <random>
 #include <sstream>
 #include <sys/stat.h>
@@ -87,6 +88,13 @@ Identity parse_identity(const std::string& text, const std::string& data_path) {
     if (eq == std::string::npos) continue;
     kv[line.substr(0, eq)] = line.substr(eq + 1);
   }
+  // The keys are the format's version (blockrepl/README.md): a key this binary does not know
+  // was written by a newer one, and rewriting the file without it would lose it.
+  static const std::set<std::string> kKnownKeys = {"node_id", "cluster_id", "block_size", "lsn_reserved", "role", "lineage"};
+  for (const auto& [key, value] : kv)
+    if (!kKnownKeys.count(key))
+      throw Error(data_path + "/" + kMetadataDirName + "/identity has the key '" + key +
+                  "', which this version of blockrepl does not know (written by a newer one?)");
   if (kv["node_id"].empty())
     throw Error(data_path + "/" + kMetadataDirName + "/identity is damaged (no node_id)");
   id.node_id = kv["node_id"];

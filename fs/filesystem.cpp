@@ -1120,17 +1120,17 @@ fuse_lowlevel_ops make_ops() {
 }
 
 // How many dirty pages the kernel lets a FUSE mount gather before it writes them back. Its own
-// rule is a strict 1% share of the dirty budget (47 MB on a 24 GB machine), which depends on the
-// machine; lifted altogether (as this daemon did before), up to the system's 20% (4.6 GB)
-// gather and are written back only at fsync or after 30 s: a 1 GiB sequential write then
-// reached the daemon only at its final fsync, which waited for all of it to be applied and, on
-// a sync master, replicated, one after the other. A strict bound of a fixed size makes the
-// kernel write back while the application writes (and slows the writer to the rate the daemon
-// takes), so the two overlap and the final fsync waits for at most the bound. Files written in
-// small pieces and synced often (databases) never come near it. Measured on the 2-core VM
-// (kernel 6.18), a 1 GiB write with a final fsync, alternated: the mount alone 608-618 MiB/s
-// lifted against 743-793 bounded, a sync pair 370-492 against 448-630, and the final fsync
-// 1.2-1.5 s against 0.03-0.06 s (tools/bench/README.md, "The mount's dirty pages").
+// rule is a strict 1% share of the dirty budget, which depends on the machine (47 MB on 24 GB).
+// With no bound (as this daemon set it before) up to the system's 20% (4.6 GB there) gather and
+// are written back only at fsync or after 30 s: a 1 GiB sequential write reached the daemon only
+// at its final fsync, which waited for all of it to be applied and, on a sync master,
+// replicated, after the application's write instead of during it. A strict bound of a fixed size
+// makes the kernel write back while the application writes (and slows the writer to the rate
+// the daemon takes), so the two overlap and the final fsync waits for at most the bound. Files
+// written in small pieces and synced often (databases) never come near it. Measured on the
+// 2-core VM (kernel 6.18), a 1 GiB write with its fsync, alternated: the mount alone 608-618
+// MiB/s unbounded against 743-793 bounded, a sync pair 370-492 against 448-630, and the final
+// fsync 1.2-1.5 s against 0.03-0.06 s (tools/bench/README.md, "The mount's dirty pages").
 constexpr uint64_t kMaxDirtyBytes = uint64_t{64} << 20;
 
 // Sets the bound through the mount's backing device info (/sys/class/bdi/MAJOR:MINOR; both files

@@ -1,6 +1,8 @@
 // The metadata folder <data>/.blockrepl and the node identity file in it.
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -25,6 +27,11 @@ void spit(const std::string& path, const std::string& content) {
   ASSERT_GE(fd, 0) << path;
   ASSERT_EQ(write(fd, content.data(), content.size()), static_cast<ssize_t>(content.size()));
   close(fd);
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 std::set<std::string> list_dir(const std::string& path) {
@@ -246,9 +253,20 @@ TEST_F(MetadataTest, IdentityWithMalformedLineageThrowsErrorNamingPath) {
   expect_damaged("node_id=abcd\nlineage=aaaa@1,bbbb\n", "second lineage entry without @");
 }
 
-TEST_F(MetadataTest, IdentityToleratesUnknownKeysAndMissingOptionalFields) {
+TEST_F(MetadataTest, IdentityRefusesUnknownKeysAndToleratesMissingOptionalFields) {
   open_meta();
-  spit(identity_path(), "# comment\nnode_id=abcd\nfuture_key=1\n");
+  // A key of a newer version: refused (rewriting the file without it would lose it), and the
+  // message says which key.
+  spit(identity_path(), "node_id=abcd\nfuture_key=1\n");
+  try {
+    load_or_create_identity(meta_fd_, data_);
+    ADD_FAILURE() << "accepted an identity file with an unknown key";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(identity_path()), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("future_key"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(slurp(identity_path()), "node_id=abcd\nfuture_key=1\n") << "the refused file was changed";
+  spit(identity_path(), "# comment\nnode_id=abcd\n");
   Identity id = load_or_create_identity(meta_fd_, data_);
   EXPECT_EQ(id.node_id, "abcd");
   EXPECT_EQ(id.cluster_id, "");
