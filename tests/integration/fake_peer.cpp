@@ -299,9 +299,19 @@ void FakeMaster::run() {
       script_endings_.push_back(e.what());
     }
     bytes_sent_ += raw->bytes_sent();
+    sessions_ended_++;
     std::lock_guard lk(mu_);
     current_ = nullptr;
   }
+}
+
+bool FakeMaster::wait_sessions_ended(int timeout_ms) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (sessions_ended_ < sessions_) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------

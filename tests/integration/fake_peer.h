@@ -113,8 +113,12 @@ class FakeMaster {
   std::vector<std::string> handshake_failures();
   // Exceptions the script ended with (a slave that hung up is the usual one), one line each.
   std::vector<std::string> script_endings();
-  // Bytes sent to slaves in all sessions.
+  // Bytes sent to slaves in all sessions that ended.
   uint64_t bytes_sent() const { return bytes_sent_; }
+  // Waits up to `timeout_ms` until every session whose script started has ended (a refused
+  // slave hangs up; the script notices a moment later), so that bytes_sent() counts it. Returns
+  // false if one is still running.
+  bool wait_sessions_ended(int timeout_ms);
 
  private:
   void run();
@@ -126,6 +130,7 @@ class FakeMaster {
   OwnedFd listener_;
   std::atomic<bool> stopping_{false};
   std::atomic<int> sessions_{0};
+  std::atomic<int> sessions_ended_{0};
   std::atomic<uint64_t> bytes_sent_{0};
   std::mutex mu_;
   Connection* current_ = nullptr;  // under mu_: shut down by the destructor
