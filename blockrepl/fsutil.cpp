@@ -258,4 +258,11 @@ std::vector<MountEntry> read_mountinfo() {
   return mounts;
 }
 
+std::optional<MountEntry> find_mount(const std::string& mountpoint) {
+  std::optional<MountEntry> found;
+  for (auto& m : read_mountinfo())
+    if (m.mountpoint == mountpoint) found = m;  // the last entry is the one on top
+  return found;
+}
+
 }  // namespace blockrepl

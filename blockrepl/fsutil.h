@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -117,6 +118,8 @@ struct MountEntry {
 };
 // This process's mount table, in the kernel's order (a later entry on the same path is on top).
 std::vector<MountEntry> read_mountinfo();
+// The entry mounted on top at `mountpoint` (canonical), if any.
+std::optional<MountEntry> find_mount(const std::string& mountpoint);
 
 // ---------------------------------------------------------------------------------------------
 // Private files (a secret, a TLS key)

@@ -254,8 +254,8 @@ int Store::apply_resolved(const Record& rec, Targets& t) {
   switch (rec.op) {
     case Op::write:
       if (wants_direct(rec)) {
-        int err = write_direct(t.fd, rec);
-        if (err != EINVAL) return err;
+        int err = write_direct(t.fd, rec, &t.written);
+        if (err != EINVAL || t.written > 0) return err;
         direct_unsupported_.store(true, std::memory_order_relaxed);
         LOG_INFO("%s: the backing file system refuses O_DIRECT; writing through the page cache", fd_path(t.fd).c_str());
       }
@@ -376,7 +376,8 @@ bool Store::wants_direct(const Record& rec) const {
   return rec.data.size() >= kDirectMin && rec.data.size() % kDirectAlign == 0 && rec.offset % kDirectAlign == 0;
 }
 
-int Store::write_direct(int fd, const Record& rec) {
+int Store::write_direct(int fd, const Record& rec, size_t* written) {
+  *written = 0;
   int dfd = open(fd_path(fd).c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
   if (dfd < 0) return errno;
   // O_DIRECT wants an aligned buffer too; a record's data sits wherever its frame put it, so
@@ -389,16 +390,19 @@ int Store::write_direct(int fd, const Record& rec) {
   };
   thread_local AlignedBuffer buf;
   int err = buf.p ? 0 : ENOMEM;
-  for (size_t done = 0; !err && done < rec.data.size();) {
+  size_t done = 0;
+  while (!err && done < rec.data.size()) {
     const size_t n = std::min(kChunk, rec.data.size() - done);
     const char* src = rec.data.data() + done;
     if (reinterpret_cast<uintptr_t>(src) % kDirectAlign != 0) {
       std::memcpy(buf.p, src, n);
       src = buf.p;
     }
-    err = write_all(dfd, src, n, rec.offset + done);
-    done += n;
+    size_t piece = 0;
+    err = write_all(dfd, src, n, rec.offset + done, &piece);
+    done += piece;
   }
+  *written = done;
   close(dfd);
   return err;
 }

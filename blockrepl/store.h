@@ -91,7 +91,9 @@ class Store {
   bool wants_direct(const Record& rec) const;
   // Writes rec.data at rec.offset of the file open as fd, bypassing the page cache. EINVAL if
   // the file system cannot (the caller then writes through the page cache).
-  static int write_direct(int fd, const Record& rec);
+  // *written: the bytes that reached the file, also when it fails part way (the disk filled),
+  // as the buffered path reports them: a master publishes them.
+  static int write_direct(int fd, const Record& rec, size_t* written);
   // Whether the record creates an entry or changes data, whose mtime replicas take from it.
   static bool stamps_mtime(const Record& rec);
   static bool changes_directories(Op op);

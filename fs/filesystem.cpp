@@ -1137,9 +1137,8 @@ constexpr uint64_t kMaxDirtyBytes = uint64_t{64} << 20;
 // since Linux 6.2). Best effort: without them (an older kernel, sysfs read-only in a container)
 // the mount works as before, and -v says so.
 void bound_dirty_pages(const std::string& mountpoint) {
-  std::string devno;
-  for (const MountEntry& m : read_mountinfo())
-    if (m.mountpoint == mountpoint) devno = m.devno;  // the last entry is the one on top
+  const std::optional<MountEntry> mount = find_mount(mountpoint);
+  const std::string devno = mount ? mount->devno : "";
   if (devno.empty()) {
     LOG_INFO("%s: not in the mount table; its dirty pages are not bounded", mountpoint.c_str());
     return;

@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <signal.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -643,6 +644,37 @@ TEST_F(StoreTest, DirectWritesBypassThePageCacheOnlyWhenLargeAndAligned) {
   store().set_direct_writes(false);
   ASSERT_EQ(apply(R.write(kF1, 8 * Store::kDirectAlign, std::string(direct))), 0);
   EXPECT_GT(resident_pages(p("f"), 8 * Store::kDirectAlign, direct.size()), 0u);
+}
+
+// A write that fails part way (the disk filled; here the file-size limit, which cuts a write
+// short the same way) reports the bytes that reached the file, on the direct path as on the
+// buffered one: a master publishes exactly those, so its replicas hold what its disk holds.
+TEST_F(StoreTest, AWriteCutShortReportsTheBytesThatReachedTheFileDirectOrNot) {
+  ASSERT_EQ(apply(R.create(kRootFileId, "f", kF1)), 0);
+  const size_t limit = 2 * Store::kDirectMin;  // aligned: the direct write's first part fits
+  std::string data(4 * Store::kDirectMin, '\0');
+  std::mt19937 rng(9);
+  for (auto& c : data) c = static_cast<char>(rng());
+  struct rlimit old_limit;
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  struct sigaction ignore {}, old_action {};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(sigaction(SIGXFSZ, &ignore, &old_action), 0);  // EFBIG instead of the signal
+  for (bool direct : {true, false}) {
+    SCOPED_TRACE(direct ? "direct" : "buffered");
+    store().set_direct_writes(direct);
+    ASSERT_EQ(truncate(p("f").c_str(), 0), 0);
+    struct rlimit cut = old_limit;
+    cut.rlim_cur = limit;
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &cut), 0);
+    Stamps stamps;
+    const int err = store().apply(R.write(kF1, 0, data), {}, &stamps);
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old_limit), 0);
+    EXPECT_EQ(err, EFBIG);
+    EXPECT_EQ(stamps.written, limit) << "bytes of the cut-short write reported as reaching the file";
+    EXPECT_EQ(slurp(p("f")), data.substr(0, limit));
+  }
+  ASSERT_EQ(sigaction(SIGXFSZ, &old_action, nullptr), 0);
 }
 
 TEST_F(StoreTest, TruncateShrinksAndGrows) {

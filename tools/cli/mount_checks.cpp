@@ -11,8 +11,6 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mount.h>
@@ -25,13 +23,6 @@
 namespace blockrepl::cli {
 
 namespace {
-
-std::optional<MountEntry> find_mount(const std::string& path) {
-  std::optional<MountEntry> found;
-  for (auto& m : read_mountinfo())
-    if (m.mountpoint == path) found = m;  // the last entry is the one on top
-  return found;
-}
 
 constexpr const char kBlockreplFsType[] = "fuse.blockrepl";
 constexpr const char kBlockreplSourcePrefix[] = "blockrepl:";
